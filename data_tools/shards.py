@@ -1,0 +1,365 @@
+"""Atomic WebDataset shard writer, `index.json`, reader by byte offset, and `verify`.
+
+Format (docs/CONTRACTS.md, "Shard set"): each sample is a contiguous group of tar members
+`KEY.json`, `KEY.0.jpg`, `KEY.1.jpg`, ... with fixed metadata (mtime 0, uid/gid 0, empty names),
+so building twice gives byte-identical tars. Every shard is written under a temporary name,
+fsynced and renamed; `index.json` is written last, so a directory without it is an incomplete build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+INDEX_FORMAT = "qwen3vl-mdlm-shards"
+INDEX_VERSION = 1
+INDEX_NAME = "index.json"
+REJECTS_NAME = "rejects.jsonl"
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# USTAR names hold 100 bytes; "KEY.NN.webp" must fit without a PAX header (keeps tars plain).
+MAX_KEY_LENGTH = 80
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+TAR_BLOCK = 512
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a valid sample key (`[A-Za-z0-9_-]+`, no dots, <= 80 chars), else raise."""
+    if not isinstance(key, str) or not KEY_RE.match(key) or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"invalid sample key {key!r}: use 1-{MAX_KEY_LENGTH} characters from [A-Za-z0-9_-] (no dots)"
+        )
+    return key
+
+
+@dataclass
+class EncodedSample:
+    """One sample ready to be written: its JSON (see CONTRACTS.md) and its encoded images.
+
+    `images` holds `(extension, bytes)` pairs in order of appearance; the extensions must match
+    `json["images"]` (`"0.jpg"`, `"1.jpg"`, ...).
+    """
+
+    json: dict[str, Any]
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """The sample key (`json["key"]`)."""
+        return str(self.json["key"])
+
+    def members(self) -> list[tuple[str, bytes]]:
+        """Tar members `(name, data)` in write order: `KEY.json` first, then the images."""
+        key = validate_key(self.key)
+        names = [f"{i}.{ext}" for i, (ext, _) in enumerate(self.images)]
+        if names != list(self.json.get("images", [])):
+            raise ValueError(f"sample {key}: json images {self.json.get('images')} != members {names}")
+        data = json.dumps(self.json, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        out = [(f"{key}.json", data)]
+        out += [(f"{key}.{name}", raw) for name, (_, raw) in zip(names, self.images, strict=True)]
+        return out
+
+    def tar_bytes(self) -> int:
+        """Bytes this sample takes in a tar (headers + data padded to 512-byte blocks)."""
+        return sum(TAR_BLOCK + _padded(len(data)) for _, data in self.members())
+
+
+def _padded(n: int) -> int:
+    return (n + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata makes the tar a pure function of the samples (reproducible builds).
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems / platforms do not allow opening a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_shard(path: str | os.PathLike[str], samples: Sequence[EncodedSample]) -> dict[str, Any]:
+    """Write `samples` to the tar `path` atomically and return its `index.json` shard entry.
+
+    The entry is `{"name", "num_bytes", "sha256", "samples": [{"key", "offset", "num_bytes",
+    "num_tokens", "num_answer_tokens", "num_images", "image_grid_thw"}]}`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    entries: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with open(tmp, "wb") as f:
+        # USTAR: no PAX headers for our short ASCII names, so every member is exactly one header.
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                if sample.key in seen:
+                    raise ValueError(f"duplicate sample key {sample.key!r} in shard {path.name}")
+                seen.add(sample.key)
+                offset = f.tell()
+                for name, data in sample.members():
+                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                j = sample.json
+                entries.append(
+                    {
+                        "key": sample.key,
+                        "offset": offset,
+                        "num_bytes": f.tell() - offset,
+                        "num_tokens": int(j["num_tokens"]),
+                        "num_answer_tokens": int(sum(j["answer_mask"])),
+                        "num_images": len(sample.images),
+                        "image_grid_thw": [list(map(int, g)) for g in j["image_grid_thw"]],
+                    }
+                )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return {
+        "name": path.name,
+        "num_bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "samples": entries,
+    }
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def decode_sample_bytes(raw: bytes) -> dict[str, Any]:
+    """Parse the tar bytes of one sample into `{"json": dict, "images": [PIL.Image]}`."""
+    members: dict[str, bytes] = {}
+    key = None
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                raise ValueError(f"unexpected tar member {info.name!r} (not a regular file)")
+            base, _, suffix = info.name.partition(".")
+            if key is None:
+                key = base
+            elif base != key:
+                raise ValueError(f"member {info.name!r} does not belong to sample {key!r}")
+            f = tar.extractfile(info)
+            assert f is not None
+            members[suffix] = f.read()
+    if "json" not in members:
+        raise ValueError(f"sample {key!r} has no .json member")
+    sample_json = json.loads(members["json"].decode("utf-8"))
+    images = []
+    for name in sample_json.get("images", []):
+        if name not in members:
+            raise ValueError(f"sample {key!r} lacks image member {name!r}")
+        image = Image.open(io.BytesIO(members[name]))
+        image.load()
+        images.append(image)
+    return {"json": sample_json, "images": images}
+
+
+def read_sample(shard_path: str | os.PathLike[str], offset: int, num_bytes: int) -> dict[str, Any]:
+    """Read one sample by its byte range (from `index.json`): `{"json": dict, "images": [PIL.Image]}`.
+
+    Raises `ValueError` (or `OSError`) on a truncated or corrupt sample; callers skip and count it.
+    """
+    with open(shard_path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(num_bytes)
+    if len(raw) != num_bytes:
+        raise ValueError(
+            f"{shard_path}: sample at offset {offset} is truncated ({len(raw)}/{num_bytes} bytes)"
+        )
+    return decode_sample_bytes(raw)
+
+
+def summarize_shards(shards: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Totals `num_samples`, `num_tokens`, `num_images` over index shard entries."""
+    num_samples = num_tokens = num_images = 0
+    for shard in shards:
+        for s in shard["samples"]:
+            num_samples += 1
+            num_tokens += int(s["num_tokens"])
+            num_images += int(s["num_images"])
+    return {"num_samples": num_samples, "num_tokens": num_tokens, "num_images": num_images}
+
+
+def make_index(
+    shards: list[dict[str, Any]],
+    tokenizer_info: dict[str, Any],
+    build: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble an `index.json` dict (CONTRACTS.md) from shard entries; `extra` adds top-level keys."""
+    index: dict[str, Any] = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "tokenizer": tokenizer_info}
+    index["build"] = build
+    index.update(summarize_shards(shards))
+    index["shards"] = shards
+    if extra:
+        index.update(extra)
+    return index
+
+
+def write_index(directory: str | os.PathLike[str], index: dict[str, Any]) -> None:
+    """Write `DIR/index.json` atomically (the last file of a build)."""
+    data = json.dumps(index, ensure_ascii=False, indent=1, sort_keys=False).encode("utf-8")
+    atomic_write_bytes(Path(directory) / INDEX_NAME, data + b"\n")
+
+
+def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and sanity-check `DIR/index.json`; raise `ValueError` with a clear message if absent/invalid."""
+    path = Path(directory) / INDEX_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{path} not found: {directory} is not a complete shard set (build it, or re-run build)"
+        )
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run the build") from e
+    if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
+        raise ValueError(
+            f"{path}: format {index.get('format')!r} v{index.get('version')!r} is not "
+            f"{INDEX_FORMAT!r} v{INDEX_VERSION}; rebuild with this version of data_tools"
+        )
+    return index
+
+
+def _check_sample(sample: dict[str, Any], entry: dict[str, Any], where: str) -> list[str]:
+    problems = []
+    j = sample["json"]
+    ids, mask = j.get("input_ids", []), j.get("answer_mask", [])
+    if j.get("key") != entry["key"]:
+        problems.append(f"{where}: json key {j.get('key')!r} != index key {entry['key']!r}")
+    if not (len(ids) == len(mask) == j.get("num_tokens") == entry["num_tokens"]):
+        problems.append(
+            f"{where}: token lengths disagree (input_ids {len(ids)}, answer_mask {len(mask)}, "
+            f"json num_tokens {j.get('num_tokens')}, index {entry['num_tokens']})"
+        )
+    if sum(mask) != entry["num_answer_tokens"]:
+        problems.append(f"{where}: {sum(mask)} answer tokens, index says {entry['num_answer_tokens']}")
+    if sum(mask) == 0:
+        problems.append(f"{where}: no answer tokens")
+    grids = [list(g) for g in j.get("image_grid_thw", [])]
+    if grids != entry["image_grid_thw"]:
+        problems.append(f"{where}: image_grid_thw {grids} != index {entry['image_grid_thw']}")
+    if len(sample["images"]) != entry["num_images"] or len(grids) != len(sample["images"]):
+        problems.append(f"{where}: {len(sample['images'])} images, index says {entry['num_images']}")
+    for i, (image, grid) in enumerate(zip(sample["images"], grids, strict=False)):
+        if image.size != (16 * grid[2], 16 * grid[1]):
+            problems.append(
+                f"{where}: image {i} is {image.size[0]}x{image.size[1]}, grid {grid} wants "
+                f"{16 * grid[2]}x{16 * grid[1]}"
+            )
+    return problems
+
+
+def verify(
+    directory: str | os.PathLike[str], expected_fingerprint: str | None = None, check_hashes: bool = True
+) -> list[str]:
+    """Check a shard set against its `index.json`; return a list of problems (empty = valid).
+
+    Reads every sample by its offset and also walks each tar from the start, so offsets, sample
+    counts, token lengths, image grids and sizes, shard sizes/hashes, totals and (when given) the
+    tokenizer fingerprint are all checked. Shard files not listed in the index are problems too
+    (leftovers of an interrupted build).
+    """
+    directory = Path(directory)
+    try:
+        index = read_index(directory)
+    except ValueError as e:
+        return [str(e)]
+    problems: list[str] = []
+    fingerprint = index.get("tokenizer", {}).get("fingerprint")
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        problems.append(f"tokenizer fingerprint {fingerprint} != the model's {expected_fingerprint}")
+    listed = {s["name"] for s in index["shards"]}
+    for p in sorted(directory.iterdir()):
+        if (SHARD_RE.match(p.name) and p.name not in listed) or ".tmp-" in p.name:
+            problems.append(f"{p.name}: not listed in index.json (left over from an interrupted build)")
+    totals = summarize_shards(index["shards"])
+    for k, v in totals.items():
+        if index.get(k) != v:
+            problems.append(f"index {k} = {index.get(k)} but the shards list {v}")
+    keys: set[str] = set()
+    for shard in index["shards"]:
+        path = directory / shard["name"]
+        if not path.is_file():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        size = path.stat().st_size
+        if size != shard["num_bytes"]:
+            problems.append(f"{shard['name']}: {size} bytes, index says {shard['num_bytes']}")
+            continue
+        if check_hashes and file_sha256(path) != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from index")
+        problems += _check_tar_layout(path, shard)
+        for entry in shard["samples"]:
+            where = f"{shard['name']}:{entry['key']}"
+            if entry["key"] in keys:
+                problems.append(f"{where}: duplicate key")
+            keys.add(entry["key"])
+            try:
+                sample = read_sample(path, entry["offset"], entry["num_bytes"])
+            except (OSError, ValueError, tarfile.TarError, Image.UnidentifiedImageError) as e:
+                problems.append(f"{where}: unreadable at offset {entry['offset']} ({e})")
+                continue
+            problems += _check_sample(sample, entry, where)
+    return problems
+
+
+def _check_tar_layout(path: Path, shard: dict[str, Any]) -> list[str]:
+    """Walk the tar from the start: sample groups, in order, at the offsets the index gives."""
+    groups: list[tuple[str, int]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                key = info.name.partition(".")[0]
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, info.offset))
+    except (OSError, tarfile.TarError) as e:
+        return [f"{shard['name']}: not a readable tar ({e})"]
+    want = [(s["key"], s["offset"]) for s in shard["samples"]]
+    if groups != want:
+        return [f"{shard['name']}: tar holds samples {groups[:3]}... but index lists {want[:3]}..."]
+    return []
