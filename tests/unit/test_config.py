@@ -1,0 +1,222 @@
+"""Config tree: defaults -> YAML -> overrides, aliases, unknown keys, DeepSpeed JSON derivation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import (
+    ConfigError,
+    TrainConfig,
+    _all_keys,
+    build_deepspeed_config,
+    check_paths,
+    config_hash,
+    load_config,
+    write_run_files,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = {"model.name_or_path": "/nonexistent/model", "data.train": "/nonexistent/shards"}
+
+
+def _base_args() -> list[str]:
+    return ["--model.name_or_path", "/m", "--data.train", "/d"]
+
+
+def test_every_field_has_a_docstring() -> None:
+    source = (REPO / "trainer" / "config.py").read_text()
+    lines = source.splitlines()
+    for key in _all_keys():
+        name = key.rsplit(".", 1)[-1]
+        idx = [i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:")]
+        assert idx, key
+        assert any(lines[i + 1].strip().startswith('"""') for i in idx), f"{key} has no docstring"
+
+
+def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "optim": {"lr": 1e-3},
+                "schedule": {"micro_batch_size": 3},
+                "model": {"name_or_path": "/m"},
+                "data": {"train": "/d"},
+            }
+        )
+    )
+    cfg = load_config(cfg_file, ["--optim.lr", "5e-5", "--schedule.grad_accum_steps=4"])
+    assert cfg.optim.lr == 5e-5  # CLI beats YAML
+    assert cfg.schedule.micro_batch_size == 3  # YAML beats default
+    assert cfg.schedule.grad_accum_steps == 4
+    assert cfg.optim.beta2 == TrainConfig().optim.beta2  # default kept
+
+
+def test_hf_style_aliases(tmp_path: Path) -> None:
+    (tmp_path / "set" / "train").mkdir(parents=True)
+    (tmp_path / "set" / "test").mkdir(parents=True)
+    argv = [
+        "--model_name_or_path", "/m", "--lora", "False", "--r", "8", "--lora_alpha", "16",
+        "--lora_dropout", "0.1", "--target_modules", "q_proj,v_proj", "--freeze_vision", "true",
+        "--dataset_args", f"{tmp_path / 'set'}[train:100,test:10]", "--max_seq_length", "512",
+        "--output_dir", "/tmp/o", "--num_train_epochs", "3", "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-4", "--warmup_ratio", "0.03",
+        "--lr_scheduler_type", "linear", "--bf16", "True", "--tf32", "False", "--gradient_checkpointing",
+        "--dataloader_num_workers", "0", "--max_steps", "7", "--save_steps", "5", "--logging_steps", "2",
+        "--eval_steps", "3", "--seed", "1", "--resume_from_checkpoint", "auto", "--deepspeed", "zero3",
+    ]  # fmt: skip
+    cfg = load_config(None, argv)
+    assert cfg.model.name_or_path == "/m" and cfg.lora.enabled is False
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.1)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.train == str(tmp_path / "set" / "train") and cfg.data.test == str(
+        tmp_path / "set" / "test"
+    )
+    assert (cfg.data.limit_train, cfg.data.limit_test, cfg.data.max_tokens) == (100, 10, 512)
+    assert cfg.output_dir == "/tmp/o" and cfg.schedule.epochs == 3.0
+    assert (cfg.schedule.micro_batch_size, cfg.schedule.grad_accum_steps) == (4, 2)
+    assert (
+        cfg.optim.lr == 1e-4 and cfg.schedule.warmup_ratio == 0.03 and cfg.schedule.lr_scheduler == "linear"
+    )
+    assert cfg.deepspeed.precision == "bf16" and cfg.deepspeed.tf32 is False
+    assert cfg.model.gradient_checkpointing is True and cfg.data.num_workers == 0
+    assert (cfg.schedule.max_steps, cfg.checkpoint.save_every, cfg.logging.log_every, cfg.eval.every) == (
+        7,
+        5,
+        2,
+        3,
+    )
+    assert cfg.seed == 1 and cfg.checkpoint.resume == "auto" and cfg.deepspeed.config == "zero3"
+    assert load_config(None, [*_base_args(), "--bf16", "false"]).deepspeed.precision == "fp32"
+
+
+def test_aliases_also_work_flat_in_yaml(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model_name_or_path: /m\ndataset_args: /d\nlearning_rate: 3.0e-4\n")
+    cfg = load_config(cfg_file)
+    assert cfg.model.name_or_path == "/m" and cfg.data.train == "/d" and cfg.optim.lr == 3e-4
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--optim.lrr", "1"], "did you mean 'optim.lr'"),
+        (["--learning_rat", "1"], "did you mean 'learning_rate'"),
+        (["--schedule.micro_batchsize", "1"], "did you mean 'schedule.micro_batch_size'"),
+    ],
+)
+def test_unknown_key_suggests_closest(argv: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(None, [*_base_args(), *argv])
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_yaml_key_rejected(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate' in .*c.yaml"):
+        load_config(cfg_file, _base_args())
+
+
+def test_type_errors_are_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"schedule.micro_batch_size .* must be of type int, got 'four'"):
+        load_config(None, [*_base_args(), "--schedule.micro_batch_size", "four"])
+    with pytest.raises(ConfigError, match=r"lr_scheduler = 'cosin' is not one of"):
+        load_config(None, [*_base_args(), "--lr_scheduler_type", "cosin"])
+
+
+def test_missing_required_inputs() -> None:
+    with pytest.raises(ConfigError, match=r"model.name_or_path is not set"):
+        load_config(None, ["--data.train", "/d"])
+    with pytest.raises(ConfigError, match=r"data.train is not set"):
+        load_config(None, ["--model.name_or_path", "/m"])
+
+
+def test_check_paths(tmp_path: Path) -> None:
+    cfg = load_config(None, BASE)
+    with pytest.raises(ConfigError, match=r"is not a model folder"):
+        check_paths(cfg)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cfg = load_config(None, {**BASE, "model.name_or_path": str(tmp_path / "model")})
+    with pytest.raises(ConfigError, match=r"data.train '/nonexistent/shards' has no index.json"):
+        check_paths(cfg)
+
+
+def test_deepspeed_json_filled_from_config() -> None:
+    cfg = load_config(
+        None,
+        {**BASE, "schedule.micro_batch_size": 2, "schedule.grad_accum_steps": 3, "optim.max_grad_norm": 0.5},
+    )
+    ds = build_deepspeed_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # auto on CPU = fp32
+    assert "optimizer" not in ds  # CPU: torch AdamW client optimizer
+    gpu = build_deepspeed_config(cfg, world_size=8, cuda=True, bf16_supported=True)
+    assert gpu["bf16"]["enabled"] is True and gpu["bf16"]["check_grad_overflow"] is True
+    assert gpu["optimizer"]["type"] == "AdamW" and gpu["optimizer"]["params"]["lr"] == cfg.optim.lr
+    z3 = build_deepspeed_config(load_config(None, {**BASE, "deepspeed.config": "zero3_offload"}), 1)
+    assert (
+        z3["zero_optimization"]["stage"] == 3
+        and z3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    )
+
+
+def test_contradictory_batch_sizes(tmp_path: Path) -> None:
+    cfg = load_config(None, {**BASE, "schedule.global_batch_size": 16, "schedule.micro_batch_size": 2})
+    with pytest.raises(ConfigError, match=r"global_batch_size 16 != .* world size 2 = 4"):
+        build_deepspeed_config(cfg, world_size=2)
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    cfg = load_config(None, {**BASE, "deepspeed.config": str(user), "schedule.micro_batch_size": 4})
+    with pytest.raises(
+        ConfigError, match=r"sets train_micro_batch_size_per_gpu = 8 but the trainer config gives 4"
+    ):
+        build_deepspeed_config(cfg, world_size=1)
+    user.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match=r"bf16.enabled = True but the precision is fp32"):
+        build_deepspeed_config(
+            load_config(None, {**BASE, "deepspeed.config": str(user), "deepspeed.precision": "fp32"}), 1
+        )
+    # A user file that agrees is accepted as is.
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}))
+    cfg = load_config(None, {**BASE, "deepspeed.config": str(user), "schedule.micro_batch_size": 4})
+    assert build_deepspeed_config(cfg, 1)["zero_optimization"]["stage"] == 3
+
+
+def test_run_files_roundtrip(tmp_path: Path) -> None:
+    cfg = load_config(None, {**BASE, "output_dir": str(tmp_path / "run"), "optim.lr": 7e-5})
+    out = write_run_files(cfg, build_deepspeed_config(cfg, 1))
+    again = load_config(out / "config.yaml")
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 1
+    # The hash ignores where a run is written or resumed from, not what it trains.
+    assert config_hash(load_config(None, {**BASE, "checkpoint.resume": "auto"})) == config_hash(
+        load_config(None, BASE)
+    )
+    assert config_hash(load_config(None, {**BASE, "optim.lr": 1.0})) != config_hash(load_config(None, BASE))
+
+
+def test_shipped_recipes_load() -> None:
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.deepspeed.precision in ("fp32", "auto")
+    ko = load_config(REPO / "configs" / "qwen3vl-2b-ko-doc.yaml")
+    assert ko.model.name_or_path == "Qwen/Qwen3-VL-2B-Instruct"
+    assert (ko.lora.r, ko.lora.alpha, ko.lora.dropout) == (16, 32, 0.05)
+    assert ko.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (ko.optim.lr, ko.schedule.lr_scheduler, ko.schedule.warmup_ratio, ko.schedule.epochs) == (
+        2e-4,
+        "cosine",
+        0.03,
+        3,
+    )
+    assert (ko.schedule.micro_batch_size, ko.schedule.grad_accum_steps, ko.data.max_tokens) == (4, 2, 2048)
+    assert ko.deepspeed.precision == "bf16" and ko.deepspeed.tf32 is True
+    for name in ("zero2", "zero3", "zero3_offload"):
+        json.loads((REPO / "ds_configs" / f"{name}.json").read_text())

@@ -1,0 +1,732 @@
+"""The one typed configuration tree of a training run.
+
+Resolution order: dataclass defaults -> ``--config FILE.yaml`` -> dotted CLI overrides
+(``--optim.lr 1e-4``) and Hugging Face ``Trainer``-style flat aliases (``--learning_rate 1e-4``).
+Unknown keys are rejected with the closest valid name. The DeepSpeed JSON is derived from a template
+in ``ds_configs/`` (or the user's file) with batch sizes, gradient accumulation, precision and clipping
+filled in from this tree; a value in the JSON that contradicts the tree is an error.
+
+Pure Python: importing this module imports neither torch nor deepspeed (the dry run and the error
+paths must answer before any process group starts).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_TEMPLATE_DIR = REPO_ROOT / "ds_configs"
+DS_TEMPLATES = ("zero2", "zero3", "zero3_offload")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hugging Face model folder (or hub id available in the local cache) of a Qwen3-VL checkpoint."""
+    attn_implementation: str = "auto"
+    """Packed bidirectional attention backend: auto | flash | flex | sdpa (auto = best installed)."""
+    gradient_checkpointing: bool = False
+    """Recompute language-model activations in backward to save memory."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen and outside the DeepSpeed engine (DESIGN decision 2)."""
+    freeze_merger: bool = True
+    """Keep the vision merger (and deepstack mergers) frozen."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train LoRA adapters on the language model; False trains the whole language model."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the language-model linear layers that get adapters."""
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"
+    """Masking schedule alpha(t): linear (p_mask = t) or cosine."""
+    eps: float = 1e-3
+    """Smallest t drawn, t in [eps, 1)."""
+    stratified_t: bool = True
+    """Stratify t across the sub-sequences of a micro-batch (lower-variance estimator)."""
+    shift: bool = False
+    """Position i-1 predicts token i (Dream / DiffuLLaMA style AR adaptation)."""
+    normalizer: str = "answer_tokens"
+    """Loss normaliser: answer_tokens (global count across micro-batches and ranks) or masked_tokens."""
+    mask_prompt_loss: bool = True
+    """Only answer tokens are masked and scored; prompt/image/template tokens never are (MDLM SFT)."""
+    ce_chunk_size: int = 4096
+    """Masked positions per LM-head chunk when computing the cross-entropy."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training shard set: a directory holding index.json and shard-*.tar."""
+    test: str = ""
+    """Held-out shard set for evaluation ("" = no evaluation)."""
+    limit_train: int = 0
+    """Use only the first N training samples (0 = all)."""
+    limit_test: int = 0
+    """Use only the first N held-out samples (0 = all)."""
+    max_tokens: int = 2048
+    """Tokens per packed row (longer samples are skipped and counted)."""
+    packing: bool = True
+    """Pack several samples into one row with block-diagonal attention."""
+    num_workers: int = 2
+    """Background reader threads per rank."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = no clipping)."""
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 1.0
+    """Training epochs (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to train (0 = epochs * steps per epoch)."""
+    micro_batch_size: int = 1
+    """Packed rows per rank per micro-batch (DeepSpeed train_micro_batch_size_per_gpu)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)."""
+    global_batch_size: int = 0
+    """Rows per optimizer step over all ranks; 0 = micro_batch_size * grad_accum_steps * world size."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine | linear | constant."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps."""
+    warmup_steps: int = 0
+    """Warmup steps (overrides warmup_ratio when > 0)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak (cosine / linear)."""
+    time_limit_s: float = 0.0
+    """Wall-clock limit; when reached, all ranks checkpoint and exit 0 (0 = none)."""
+    max_consecutive_skips: int = 5
+    """Stop with an error after this many non-finite steps in a row."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0
+    """Save every N optimizer steps (0 = only at the end and on stop signals)."""
+    keep_last: int = 2
+    """Keep the newest N committed checkpoints (0 = keep all)."""
+    resume: str = ""
+    """"" = start fresh, "auto" = newest committed checkpoint in output_dir (error if none), or a path."""
+    save_at_end: bool = True
+    """Save a checkpoint when training finishes."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Write a metrics.jsonl line (and TensorBoard scalars) every N steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files under output_dir/tensorboard."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on data.test every N steps (0 = only at the end)."""
+    at_end: bool = True
+    """Evaluate once more when training finishes (when data.test is set)."""
+    t_grid: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    """Fixed t values of the NELBO estimate (fixed masks, comparable across runs)."""
+    accuracy_t: list[float] = field(default_factory=lambda: [0.15, 0.5, 1.0])
+    """t values at which masked-token accuracy is reported."""
+    max_samples: int = 256
+    """Held-out samples used per evaluation (0 = all)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero2"
+    """DeepSpeed template: zero2 | zero3 | zero3_offload (from ds_configs/) or a path to a JSON file."""
+    precision: str = "auto"
+    """auto | bf16 | fp16 | fp32 (auto = bf16 on a GPU that supports it, fp32 on CPU)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on Ampere and newer GPUs."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, DeepSpeed JSON, metrics.jsonl, TensorBoard, checkpoints."""
+    seed: int = 42
+    """Seed of the data order, the diffusion noise and the initialisation of new weights."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model assembly."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """MDLM objective."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and packing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Batch sizes, length of training, learning-rate schedule, limits."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and progress."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed template and precision."""
+
+
+# Hugging Face Trainer-style flat names -> dotted keys. Entries mapped to None need a custom
+# translation (see _expand_alias).
+ALIASES: dict[str, str | None] = {
+    "model_name_or_path": "model.name_or_path",
+    "lora": "lora.enabled",
+    "r": "lora.r",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules",
+    "freeze_vision": "model.freeze_vision",
+    "freeze_merger": "model.freeze_merger",
+    "dataset_args": None,
+    "mask_prompt_loss": "diffusion.mask_prompt_loss",
+    "max_seq_length": "data.max_tokens",
+    "output_dir": "output_dir",
+    "num_train_epochs": "schedule.epochs",
+    "per_device_train_batch_size": "schedule.micro_batch_size",
+    "gradient_accumulation_steps": "schedule.grad_accum_steps",
+    "learning_rate": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "max_grad_norm": "optim.max_grad_norm",
+    "warmup_ratio": "schedule.warmup_ratio",
+    "warmup_steps": "schedule.warmup_steps",
+    "lr_scheduler_type": "schedule.lr_scheduler",
+    "bf16": None,
+    "fp16": None,
+    "tf32": "deepspeed.tf32",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "dataloader_num_workers": "data.num_workers",
+    "attn_implementation": "model.attn_implementation",
+    "max_steps": "schedule.max_steps",
+    "save_steps": "checkpoint.save_every",
+    "save_total_limit": "checkpoint.keep_last",
+    "logging_steps": "logging.log_every",
+    "eval_steps": "eval.every",
+    "seed": "seed",
+    "resume_from_checkpoint": "checkpoint.resume",
+    "resume": "checkpoint.resume",
+    "deepspeed": "deepspeed.config",
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.attn_implementation": ("auto", "flash", "flex", "sdpa", "eager"),
+    "diffusion.schedule": ("linear", "cosine"),
+    "diffusion.normalizer": ("answer_tokens", "masked_tokens"),
+    "schedule.lr_scheduler": ("cosine", "linear", "constant"),
+    "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: its message is one line naming the input and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataclass <-> dict
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config tree as plain nested dicts/lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(config)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, hint in _field_types(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:
+        # Match on the last component too: "--lr" -> "optim.lr".
+        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        tail_close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.6)
+        close = [tails[tail_close[0]]] if tail_close else []
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    candidates = _all_keys() + list(ALIASES)
+    return ConfigError(f"unknown config key {key!r} in {source}{_suggest(key, candidates)}")
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item_hint,) = typing.get_args(hint)[:1]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(
+                f"{key} in {source} must be a list (YAML list or comma-separated), got {value!r}"
+            )
+        return [_coerce(v, item_hint, key, source) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError(f"union types are not used in the config tree ({key})")
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "y", "on"):
+                return True
+            if text in ("0", "false", "no", "n", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+    except ValueError:
+        raise ConfigError(
+            f"{key} in {source} must be of type {getattr(hint, '__name__', hint)}, got {value!r}"
+        ) from None
+    raise AssertionError(f"unsupported field type {hint!r} for {key}")
+
+
+def _merge(config: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Merge a nested dict into the dataclass tree in place, rejecting unknown keys."""
+    hints = _field_types(type(config))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key, source)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} in {source} must be a mapping of its fields, got {value!r}")
+            _merge(getattr(config, name), value, source, f"{key}.")
+        else:
+            setattr(config, name, _coerce(value, hint, key, source))
+
+
+def _set_dotted(config: TrainConfig, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    _merge(config, nested, source)
+
+
+_DATASET_LIMITS = re.compile(r"^(?P<path>.*?)(\[(?P<limits>[^\]]*)\])?$")
+
+
+def _expand_dataset_args(value: str, source: str) -> dict[str, Any]:
+    """``--dataset_args DIR[train:N,test:M]``: a shard set, or a directory holding train/ and test/."""
+    match = _DATASET_LIMITS.match(str(value).strip())
+    assert match is not None
+    path = match.group("path").strip()
+    if not path:
+        raise ConfigError(
+            f"--dataset_args in {source} is empty; give a shard directory, e.g. data/shards[train:1000]"
+        )
+    out: dict[str, Any] = {}
+    root = Path(path)
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        out["data.train"] = str(root / "train")
+        if (root / "test").is_dir():
+            out["data.test"] = str(root / "test")
+    else:
+        out["data.train"] = path
+    for item in (match.group("limits") or "").split(","):
+        if not item.strip():
+            continue
+        split, _, count = item.partition(":")
+        split = split.strip()
+        if split not in ("train", "test") or not count.strip().isdigit():
+            raise ConfigError(
+                f"--dataset_args limit {item!r} in {source} is not understood; use [train:N,test:M]"
+            )
+        out[f"data.limit_{split}"] = int(count)
+    return out
+
+
+def _expand_alias(name: str, value: Any, source: str) -> dict[str, Any]:
+    """Translate one flat alias to dotted keys."""
+    if name == "dataset_args":
+        return _expand_dataset_args(value, source)
+    if name in ("bf16", "fp16"):
+        on = _coerce(value, bool, f"--{name}", source)
+        return {"deepspeed.precision": name if on else "fp32"}
+    target = ALIASES[name]
+    assert target is not None
+    return {target: value}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """Split ``--key value`` / ``--key=value`` pairs; a bare ``--flag`` before another flag means True."""
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(
+                f"unexpected argument {arg!r}; overrides look like --optim.lr 1e-4 or --learning_rate=1e-4"
+            )
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = body, argv[i + 1]
+            i += 2
+        else:
+            key, value = body, "true"
+            i += 1
+        pairs.append((key.replace("-", "_") if "." not in key else key, value))
+    return pairs
+
+
+def _apply(config: TrainConfig, key: str, value: Any, source: str) -> None:
+    valid = set(_all_keys())
+    if key in ALIASES and key not in valid:
+        for dotted, v in _expand_alias(key, value, source).items():
+            _set_dotted(config, dotted, v, source)
+        return
+    if key not in valid:
+        # A group name given as a flat key ("--optim") or a misspelling.
+        raise _unknown_key(key, source)
+    _set_dotted(config, key, value, source)
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Build a ``TrainConfig``: defaults -> YAML file -> overrides (argv list or {dotted key: value}).
+
+    Raises ``ConfigError`` (a ``ValueError``) with a one-line message on any user error.
+    """
+    config = TrainConfig()
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0] if str(err) else "parse error"
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of config groups")
+        source = str(path)
+        nested = {k: v for k, v in data.items() if isinstance(v, dict) or k not in ALIASES}
+        _merge(config, nested, source)
+        for key, value in data.items():
+            if key in ALIASES and not isinstance(value, dict) and key not in nested:
+                _apply(config, key, value, source)
+    items: list[tuple[str, Any]]
+    if overrides is None:
+        items = []
+    elif isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = parse_overrides(list(overrides))
+    for key, value in items:
+        _apply(config, key, value, "overrides" if isinstance(overrides, dict) else "command line")
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Static checks that need no file system, no torch and no process group."""
+    for key, choices in _CHOICES.items():
+        group, name = key.split(".")
+        value = getattr(getattr(config, group), name)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+    s = config.schedule
+    positive = {
+        "schedule.micro_batch_size": s.micro_batch_size,
+        "schedule.grad_accum_steps": s.grad_accum_steps,
+        "data.max_tokens": config.data.max_tokens,
+        "logging.log_every": config.logging.log_every,
+        "lora.r": config.lora.r,
+        "schedule.max_consecutive_skips": s.max_consecutive_skips,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    nonneg = {
+        "schedule.max_steps": s.max_steps,
+        "schedule.global_batch_size": s.global_batch_size,
+        "schedule.warmup_steps": s.warmup_steps,
+        "checkpoint.save_every": config.checkpoint.save_every,
+        "checkpoint.keep_last": config.checkpoint.keep_last,
+        "eval.every": config.eval.every,
+        "data.limit_train": config.data.limit_train,
+        "data.limit_test": config.data.limit_test,
+        "data.num_workers": config.data.num_workers,
+    }
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if s.max_steps == 0 and s.epochs <= 0:
+        raise ConfigError("schedule.epochs must be positive when schedule.max_steps is 0")
+    if not 0.0 <= s.warmup_ratio < 1.0:
+        raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
+    if not 0.0 <= config.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {config.lora.dropout}")
+    if not 0.0 < config.diffusion.eps < 1.0:
+        raise ConfigError(f"diffusion.eps must be in (0, 1), got {config.diffusion.eps}")
+    if not config.diffusion.mask_prompt_loss:
+        raise ConfigError(
+            "mask_prompt_loss False is not supported: MDLM fine-tuning masks and scores only answer tokens "
+            "(choose what counts as answer when building shards: data_tools build --train-on)"
+        )
+    if config.lora.enabled and not config.lora.target_modules:
+        raise ConfigError("lora.target_modules is empty; name the layers, e.g. q_proj,k_proj,v_proj,o_proj")
+    if s.global_batch_size and s.global_batch_size % (s.micro_batch_size * s.grad_accum_steps):
+        raise ConfigError(
+            f"schedule.global_batch_size {s.global_batch_size} is not a multiple of micro_batch_size * "
+            f"grad_accum_steps = {s.micro_batch_size * s.grad_accum_steps}; fix one of them"
+        )
+    if not config.model.name_or_path:
+        raise ConfigError(
+            "model.name_or_path is not set; pass --model_name_or_path PATH or set model.name_or_path"
+        )
+    if not config.data.train:
+        raise ConfigError(
+            "data.train is not set; pass --dataset_args DIR or set data.train to a shard directory"
+        )
+
+
+def check_paths(config: TrainConfig) -> None:
+    """File-system checks (model folder, shard sets): one-line errors before any process group starts."""
+    model = Path(config.model.name_or_path)
+    looks_local = model.is_absolute() or config.model.name_or_path.startswith(".") or model.exists()
+    if looks_local and not (model / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path {config.model.name_or_path!r} is not a model folder (no config.json); "
+            "pass a Hugging Face Qwen3-VL folder (python -m trainer make-tiny DIR writes a tiny one)"
+        )
+    if not looks_local and "/" not in config.model.name_or_path:
+        raise ConfigError(
+            f"model.name_or_path {config.model.name_or_path!r} does not exist; pass a Qwen3-VL model folder"
+        )
+    for key, path in (("data.train", config.data.train), ("data.test", config.data.test)):
+        if path and not (Path(path) / "index.json").is_file():
+            raise ConfigError(
+                f"{key} {path!r} has no index.json; build shards with `python -m data_tools build` and pass their directory"
+            )
+
+
+def config_hash(config: TrainConfig) -> str:
+    """Hash of the settings that define the training trajectory (not where it is written or resumed from)."""
+    data = to_dict(config)
+    data["checkpoint"].pop("resume", None)
+    data.pop("output_dir", None)
+    data["logging"] = {}
+    data["schedule"].pop("time_limit_s", None)
+    text = json.dumps(data, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML (loadable again with ``load_config``)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+
+
+def resolve_precision(config: TrainConfig, cuda: bool, bf16_supported: bool) -> str:
+    """The concrete precision: bf16 / fp16 / fp32."""
+    precision = config.deepspeed.precision
+    if precision == "auto":
+        return "bf16" if cuda and bf16_supported else "fp32"
+    return precision
+
+
+def global_batch_size(config: TrainConfig, world_size: int) -> int:
+    """Rows per optimizer step over all ranks; checks the configured value against the world size."""
+    s = config.schedule
+    derived = s.micro_batch_size * s.grad_accum_steps * world_size
+    if s.global_batch_size and s.global_batch_size != derived:
+        raise ConfigError(
+            f"schedule.global_batch_size {s.global_batch_size} != micro_batch_size {s.micro_batch_size} * "
+            f"grad_accum_steps {s.grad_accum_steps} * world size {world_size} = {derived}; fix one of them"
+        )
+    return derived
+
+
+def _load_template(name_or_path: str) -> tuple[dict[str, Any], str]:
+    if name_or_path in DS_TEMPLATES:
+        path = DS_TEMPLATE_DIR / f"{name_or_path}.json"
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"deepspeed.config {name_or_path!r} is neither a template ({', '.join(DS_TEMPLATES)}) nor a JSON file"
+            )
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"DeepSpeed config {str(path)!r} is not valid JSON ({err.msg}, line {err.lineno})"
+        ) from None
+
+
+def _fill(ds: dict[str, Any], key: str, value: Any, source: str, ours: str) -> None:
+    """Set ``ds[key]`` unless the JSON already holds a concrete value, which must then agree."""
+    current = ds.get(key, "auto")
+    if current == "auto" or current is None:
+        ds[key] = value
+    elif current != value and not (
+        isinstance(current, (int, float))
+        and isinstance(value, (int, float))
+        and float(current) == float(value)
+    ):
+        raise ConfigError(
+            f"DeepSpeed config {source} sets {key} = {current!r} but the trainer config gives {value!r} ({ours}); "
+            f'set it to "auto" or make them agree'
+        )
+
+
+def build_deepspeed_config(
+    config: TrainConfig, world_size: int, cuda: bool = False, bf16_supported: bool = False
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: the template with batch sizes, precision and clipping filled in."""
+    ds, source = _load_template(config.deepspeed.config)
+    ds = copy.deepcopy(ds)
+    s = config.schedule
+    _fill(ds, "train_micro_batch_size_per_gpu", s.micro_batch_size, source, "schedule.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", s.grad_accum_steps, source, "schedule.grad_accum_steps")
+    _fill(ds, "train_batch_size", global_batch_size(config, world_size), source, "schedule.global_batch_size")
+    _fill(ds, "gradient_clipping", float(config.optim.max_grad_norm), source, "optim.max_grad_norm")
+    precision = resolve_precision(config, cuda, bf16_supported)
+    for name in ("bf16", "fp16"):
+        section = dict(ds.get(name) or {})
+        wanted = precision == name
+        enabled = section.get("enabled", "auto")
+        if enabled not in ("auto", None) and bool(enabled) != wanted:
+            raise ConfigError(
+                f"DeepSpeed config {source} sets {name}.enabled = {enabled!r} but the precision is {precision} "
+                f'(deepspeed.precision / --bf16); set it to "auto" or make them agree'
+            )
+        section["enabled"] = wanted
+        if name == "bf16" and wanted:
+            # Non-finite gradients skip the step on every rank (DeepSpeed only checks bf16 when asked).
+            section.setdefault("check_grad_overflow", True)
+        ds[name] = section
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    for key, value in list(zero.items()):
+        if value == "auto":
+            raise ConfigError(
+                f'DeepSpeed config {source} has zero_optimization.{key} = "auto", which the trainer cannot fill; give a value'
+            )
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if cuda or offload:
+        # GPU: DeepSpeed's fused Adam (CPU Adam when the optimizer is offloaded).
+        opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        params = opt.setdefault("params", {})
+        for key, value in (
+            ("lr", config.optim.lr),
+            ("betas", [config.optim.beta1, config.optim.beta2]),
+            ("eps", config.optim.eps),
+            ("weight_decay", config.optim.weight_decay),
+        ):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    else:
+        # CPU: a torch AdamW client optimizer (DeepSpeed's CPU Adam JIT-compiles for ~50 s).
+        ds.pop("optimizer", None)
+        ds["zero_force_ds_cpu_optimizer"] = False
+    # The trainer builds the learning-rate schedule itself (warmup + cosine/linear/constant).
+    if "scheduler" in ds:
+        raise ConfigError(
+            f"DeepSpeed config {source} has a 'scheduler' section; remove it and use schedule.lr_scheduler / warmup_ratio"
+        )
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed JSON (0 when absent)."""
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def write_run_files(config: TrainConfig, ds_config: dict[str, Any]) -> Path:
+    """Write ``config.yaml`` and ``ds_config.json`` into the run directory (atomically); return it."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("config.yaml", dump_yaml(config)),
+        ("ds_config.json", json.dumps(ds_config, indent=2) + "\n"),
+    ):
+        tmp = out / f".{name}.tmp.{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+    return out
