@@ -332,14 +332,17 @@ def tiny_config(
     )
 
 
+def build_tiny_model(*, seed: int = 0, **shape: int) -> Qwen3VLForConditionalGeneration:
+    """A tiny random Qwen3-VL in memory (fp32, eval mode); `shape` as in `tiny_config`."""
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(tiny_config(**shape)).eval()
+
+
 def make_tiny(out_dir: str | Path, *, seed: int = 0, **shape: int) -> Path:
     """Write a tiny random Qwen3-VL folder (seeded: the same seed gives the same weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(**shape)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    model.save_pretrained(out, safe_serialization=True)
+    build_tiny_model(seed=seed, **shape).save_pretrained(out, safe_serialization=True)
     build_qwen_tokenizer().save_pretrained(out)
     build_image_processor().save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE, encoding="utf-8")
