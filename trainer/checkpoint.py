@@ -1,0 +1,249 @@
+"""Atomic checkpoints, resume and the trainer state (DESIGN.md decision 7).
+
+Layout of ``OUTPUT_DIR/checkpoints/``::
+
+    step-00000010/            one checkpoint (a DeepSpeed tag)
+      <DeepSpeed engine files>  model/optimizer/scheduler shards, written by every rank
+      trainable.safetensors     the trainable weights (LoRA + mask row, or the whole LM), gathered
+      trainer_state.json        written LAST by rank 0: the commit record (step, data position,
+                                config hash, manifest of every file with its size)
+    latest                      pointer to the newest committed tag (DeepSpeed's own format)
+
+A checkpoint counts only once ``trainer_state.json`` exists and every file in its manifest has the
+recorded size, so a crash anywhere mid-save leaves the previous checkpoint as the one resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+POINTER_FILE = "latest"
+TAG_RE = re.compile(r"^step-(\d{8})$")
+
+
+class ResumeError(ValueError):
+    """A resume was asked for and cannot be satisfied (one-line message)."""
+
+
+def checkpoint_root(output_dir: str | os.PathLike[str]) -> Path:
+    """``OUTPUT_DIR/checkpoints``."""
+    return Path(output_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    """The checkpoint directory name of an optimizer step."""
+    return f"step-{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the whole new content, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _manifest(ckpt_dir: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(ckpt_dir)): p.stat().st_size
+        for p in sorted(ckpt_dir.rglob("*"))
+        if p.is_file() and p.name != STATE_FILE and not p.name.startswith(".")
+    }
+
+
+def read_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The trainer state of a committed, intact checkpoint; None if half-written or damaged."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    manifest = state.get("manifest")
+    if not isinstance(manifest, dict) or not manifest:
+        return None
+    for rel, size in manifest.items():
+        path = ckpt_dir / rel
+        if not path.is_file() or path.stat().st_size != size:
+            return None
+    return state
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint directories under ``root`` (committed or not), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
+    return sorted(dirs, key=lambda p: int(TAG_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_valid(root: str | os.PathLike[str]) -> Path | None:
+    """The newest committed, intact checkpoint under ``root`` (half-written ones are skipped)."""
+    for ckpt in reversed(list_checkpoints(root)):
+        if read_state(ckpt) is not None:
+            return ckpt
+    return None
+
+
+def find_resume(output_dir: str | os.PathLike[str], resume: str) -> Path | None:
+    """Resolve ``checkpoint.resume``: "" -> None, "auto" -> newest in output_dir, or a path.
+
+    A path may name one checkpoint or a directory of them (a run directory or its ``checkpoints``).
+    An asked-for resume that finds nothing is an error (``ResumeError``), never a silent fresh start.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        root = checkpoint_root(output_dir)
+        found = latest_valid(root)
+        if found is None:
+            raise ResumeError(
+                f"--resume auto found no committed checkpoint in {str(root)!r}; drop --resume to start fresh"
+            )
+        return found
+    path = Path(resume)
+    if not path.exists():
+        raise ResumeError(f"--resume {resume!r} does not exist; pass a checkpoint directory or 'auto'")
+    if (path / STATE_FILE).exists():
+        if read_state(path) is None:
+            raise ResumeError(
+                f"--resume {resume!r} is a damaged or half-written checkpoint; pass an earlier one or 'auto'"
+            )
+        return path
+    for root in (path, checkpoint_root(path)):
+        found = latest_valid(root)
+        if found is not None:
+            return found
+    raise ResumeError(
+        f"--resume {resume!r} holds no committed checkpoint; pass a checkpoint directory or 'auto'"
+    )
+
+
+def commit(root: str | os.PathLike[str], tag: str, state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Rank 0, after every rank has written its files: record the state, move the pointer, prune.
+
+    ``trainer_state.json`` is the commit record (written last, atomically, with a manifest of the
+    files and their sizes); then the ``latest`` pointer moves; then old checkpoints beyond
+    ``keep_last`` and abandoned half-written ones are removed.
+    """
+    root = Path(root)
+    ckpt_dir = root / tag
+    state = {**state, "tag": tag, "manifest": _manifest(ckpt_dir)}
+    atomic_write_text(ckpt_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(root / POINTER_FILE, tag)
+    prune(root, keep_last, newest=ckpt_dir)
+    return ckpt_dir
+
+
+def prune(root: Path, keep_last: int, newest: Path) -> None:
+    """Delete committed checkpoints beyond the newest ``keep_last`` and uncommitted ones older than ``newest``."""
+    newest_step = int(TAG_RE.match(newest.name).group(1))  # type: ignore[union-attr]
+    committed = [p for p in list_checkpoints(root) if read_state(p) is not None]
+    doomed: list[Path] = committed[:-keep_last] if keep_last > 0 else []
+    doomed += [
+        p
+        for p in list_checkpoints(root)
+        if read_state(p) is None and int(TAG_RE.match(p.name).group(1)) < newest_step  # type: ignore[union-attr]
+    ]
+    for path in doomed:
+        if path != newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine side (every rank)
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that training changes, by name."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def gather_trainable_state(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
+    """Full copies (CPU, fp32) of the trainable weights; every rank must call it (ZeRO-3 gathers)."""
+    params = trainable_parameters(module)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            return {name: p.detach().to("cpu", torch.float32).clone() for name, p in params}
+    return {name: p.detach().to("cpu", torch.float32).clone() for name, p in params}
+
+
+def save(
+    engine: Any,
+    output_dir: str | os.PathLike[str],
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    zero3: bool,
+    is_main: bool,
+) -> Path:
+    """Save a checkpoint from every rank; returns its directory once it is committed everywhere."""
+    from safetensors.torch import save_file
+
+    from trainer.distributed import barrier
+
+    root = checkpoint_root(output_dir)
+    tag = tag_for(step)
+    # Our own pointer is moved only after the commit record exists: DeepSpeed must not write it.
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    weights = gather_trainable_state(engine.module, zero3)
+    if is_main:
+        tmp = root / tag / f".{WEIGHTS_FILE}.tmp"
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        os.replace(tmp, root / tag / WEIGHTS_FILE)
+    # Every rank's DeepSpeed shards must be on disk before rank 0 commits.
+    barrier()
+    if is_main:
+        commit(root, tag, state, keep_last)
+    # Nobody proceeds (or exits) before the commit: a later crash must find this checkpoint.
+    barrier()
+    return root / tag
+
+
+def load(engine: Any, ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load engine, optimizer and scheduler state from a committed checkpoint; return the trainer state."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir)
+    if state is None:
+        raise ResumeError(f"checkpoint {str(ckpt_dir)!r} is damaged or half-written; pass an earlier one")
+    load_path, _ = engine.load_checkpoint(
+        str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise ResumeError(f"DeepSpeed could not load {str(ckpt_dir)!r}; pass an earlier checkpoint")
+    return state
+
+
+def load_trainable_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint without DeepSpeed (for export)."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ResumeError(f"{str(path)!r} is missing; pass a checkpoint directory written by this trainer")
+    return load_file(str(path))
