@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Multi-node training on Slurm: one torchrun per node, torchrun starts one rank per GPU.
+#   sbatch --nodes=2 scripts/train.slurm.sh --config configs/qwen3vl-2b-ko-doc.yaml [overrides]
+# Shards and the output directory must be on a filesystem every node sees at the same path.
+# A requeued job resumes from the newest committed checkpoint (--resume auto); SIGTERM sent by
+# Slurm before the time limit makes every rank checkpoint and exit 0.
+#SBATCH --job-name=qwen3vl-mdlm
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --signal=TERM@300
+#SBATCH --requeue
+#SBATCH --output=slurm-%j.out
+set -euo pipefail
+
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_PORT="${MASTER_PORT:-29500}"
+PYTHON="${PYTHON:-python}"
+RESUME=()
+if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then RESUME=(--resume auto); fi
+
+# `exec` in each task so that Slurm's SIGTERM reaches torchrun, which forwards it to the ranks.
+srun --kill-on-bad-exit=1 bash -c "exec $PYTHON -m torch.distributed.run \
+    --nnodes=$SLURM_NNODES --node_rank=\$SLURM_NODEID --nproc_per_node=$GPUS_PER_NODE \
+    --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv_id=$SLURM_JOB_ID \
+    -m trainer train $* ${RESUME[*]}"
