@@ -25,4 +25,4 @@ if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then RESUME=(--resume auto); fi
 srun --kill-on-bad-exit=1 bash -c "exec $PYTHON -m torch.distributed.run \
     --nnodes=$SLURM_NNODES --node_rank=\$SLURM_NODEID --nproc_per_node=$GPUS_PER_NODE \
     --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv_id=$SLURM_JOB_ID \
-    -m trainer train $* ${RESUME[*]}"
+    -m trainer train $* ${RESUME[*]:-}"
