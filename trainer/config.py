@@ -80,8 +80,8 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""
-    """Training shard set: a directory holding index.json and shard-*.tar."""
+    train: list[str] = field(default_factory=list)
+    """Training shard sets: directories holding index.json and shard-*.tar, each optionally DIR:WEIGHT."""
     test: str = ""
     """Held-out shard set for evaluation ("" = no evaluation)."""
     limit_train: int = 0
@@ -387,11 +387,11 @@ def _expand_dataset_args(value: str, source: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     root = Path(path)
     if (root / "train").is_dir() or (root / "test").is_dir():
-        out["data.train"] = str(root / "train")
+        out["data.train"] = [str(root / "train")]
         if (root / "test").is_dir():
             out["data.test"] = str(root / "test")
     else:
-        out["data.train"] = path
+        out["data.train"] = [path]
     for item in (match.group("limits") or "").split(","):
         if not item.strip():
             continue
@@ -574,11 +574,22 @@ def check_paths(config: TrainConfig) -> None:
         raise ConfigError(
             f"model.name_or_path {config.model.name_or_path!r} does not exist; pass a Qwen3-VL model folder"
         )
-    for key, path in (("data.train", config.data.train), ("data.test", config.data.test)):
+    sets = [("data.train", _shard_dir(spec)) for spec in config.data.train]
+    for key, path in [*sets, ("data.test", config.data.test)]:
         if path and not (Path(path) / "index.json").is_file():
             raise ConfigError(
                 f"{key} {path!r} has no index.json; build shards with `python -m data_tools build` and pass their directory"
             )
+
+
+def _shard_dir(spec: str) -> str:
+    """``DIR`` of a ``DIR[:WEIGHT]`` shard-set spec."""
+    head, sep, tail = spec.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return spec
+    return head if sep and head else spec
 
 
 def config_hash(config: TrainConfig) -> str:

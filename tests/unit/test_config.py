@@ -73,7 +73,7 @@ def test_hf_style_aliases(tmp_path: Path) -> None:
     assert cfg.model.name_or_path == "/m" and cfg.lora.enabled is False
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.1)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
-    assert cfg.data.train == str(tmp_path / "set" / "train") and cfg.data.test == str(
+    assert cfg.data.train == [str(tmp_path / "set" / "train")] and cfg.data.test == str(
         tmp_path / "set" / "test"
     )
     assert (cfg.data.limit_train, cfg.data.limit_test, cfg.data.max_tokens) == (100, 10, 512)
@@ -98,7 +98,7 @@ def test_aliases_also_work_flat_in_yaml(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model_name_or_path: /m\ndataset_args: /d\nlearning_rate: 3.0e-4\n")
     cfg = load_config(cfg_file)
-    assert cfg.model.name_or_path == "/m" and cfg.data.train == "/d" and cfg.optim.lr == 3e-4
+    assert cfg.model.name_or_path == "/m" and cfg.data.train == ["/d"] and cfg.optim.lr == 3e-4
 
 
 @pytest.mark.parametrize(
