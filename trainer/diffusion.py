@@ -1,0 +1,393 @@
+"""MDLM objective: noise schedules, t sampling, masking of answer tokens, the masked-position loss.
+
+Pure torch (no deepspeed, no torch.distributed). Names (STYLE.md): ``t`` is the diffusion time of a
+sub-sequence, ``p_mask`` the probability that one of its answer tokens is replaced by ``<|mask|>``
+(``p_mask = 1 - alpha_t``), ``loss_weight`` the per-token weight ``-alpha'_t / (1 - alpha_t)`` (``1/t``
+for the linear schedule), ``answer_mask`` the tokens that may be masked, ``masked`` those that were,
+``noisy_input_ids`` the input with ``masked`` tokens replaced. Shape suffixes: B rows, L tokens,
+S sub-sequences per row, M masked tokens, H hidden, V vocabulary.
+
+The estimator (Sahoo et al. 2024; LLaDA SFT) for one sub-sequence x with answer tokens A:
+
+    loss(x) = E_t E_{masked ~ Bernoulli(p_mask(t)) on A} [ sum_{i masked} loss_weight(t) * CE_i ]
+
+and the batch loss is its sum over sub-sequences divided by a normaliser (see
+:func:`masked_diffusion_loss`). Only masked positions go through the LM head, in chunks: full logits
+for every position would be [B, L, 151936].
+
+``shift``: with ``shift=False`` the hidden state at position i predicts token i (the MDLM/LLaDA
+convention). With ``shift=True`` the hidden state at position i-1 predicts token i (Dream /
+DiffuLLaMA, which keep the next-token alignment of the autoregressive model they start from); the
+masked token i itself is still the one replaced by ``<|mask|>`` in the input, and its target is
+still ``target_ids[i]``. Position i-1 always exists inside the same sub-sequence because answers
+follow a prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+"""Names accepted as ``schedule``."""
+
+NORMALIZATIONS: tuple[str, ...] = ("answer_tokens", "masked_tokens", "sequence")
+"""Names accepted as ``normalization``."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+
+def alpha(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """Probability that a token is still clean at time t: linear ``1 - t``, cosine ``cos(pi t / 2)``."""
+    if schedule == "linear":
+        return 1.0 - t
+    if schedule == "cosine":
+        return torch.cos(0.5 * math.pi * t)
+    raise ValueError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+def alpha_derivative(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """d alpha / d t."""
+    if schedule == "linear":
+        return -torch.ones_like(t)
+    if schedule == "cosine":
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+    raise ValueError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+def p_mask_at(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """Masking probability ``1 - alpha_t``."""
+    return 1.0 - alpha(t, schedule)
+
+
+def loss_weight_at(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """ELBO weight ``-alpha'_t / (1 - alpha_t)``; ``1/t`` for the linear schedule."""
+    if schedule == "linear":
+        return 1.0 / t  # exact, avoids 1 - (1 - t) rounding for small t
+    return -alpha_derivative(t, schedule) / p_mask_at(t, schedule)
+
+
+def t_for_p_mask(p_mask: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """Inverse of :func:`p_mask_at`: the time at which the masking probability is ``p_mask``."""
+    if schedule == "linear":
+        return p_mask
+    if schedule == "cosine":
+        return torch.arccos((1.0 - p_mask).clamp(-1.0, 1.0)) * (2.0 / math.pi)
+    raise ValueError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# t sampling
+
+
+def sample_t(
+    num: int,
+    *,
+    eps: float = 1e-3,
+    stratified: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw ``num`` diffusion times in ``[eps, 1)``.
+
+    ``stratified``: ``[0, 1)`` is cut into ``num`` equal strata, one uniform draw in each, mapped to
+    ``[eps, 1)`` and shuffled (so which sub-sequence gets a small t does not depend on its place in
+    the batch). Lower variance than independent draws at the same expectation.
+    """
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"t eps must be in [0, 1), got {eps}")
+    gen_device = generator.device if generator is not None else "cpu"
+    u_N = torch.rand(num, generator=generator, device=gen_device, dtype=torch.float64)
+    if stratified and num > 0:
+        order_N = torch.randperm(num, generator=generator, device=gen_device)
+        u_N = (order_N.to(torch.float64) + u_N) / num
+    t_N = eps + (1.0 - eps) * u_N
+    # float64 maths, float32 result; guard the open end against rounding up to 1.
+    t_N = t_N.float().clamp(max=1.0 - 1e-7)
+    return t_N.to(device) if device is not None else t_N
+
+
+def sample_sequence_t(
+    seq_ids_BL: torch.Tensor,
+    *,
+    eps: float = 1e-3,
+    stratified: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One t per sub-sequence of a packed batch: ``t_BS`` [B, S], S = max(seq_ids) + 1.
+
+    Stratification runs over all sub-sequences present in the batch. Slots of rows with fewer than
+    S sub-sequences get 1.0 (never used: no token carries that seq_id).
+    """
+    batch = seq_ids_BL.shape[0]
+    num_seqs_B = seq_ids_BL.max(dim=1).values.clamp(min=-1) + 1
+    width = int(num_seqs_B.max().item()) if batch else 0
+    width = max(width, 1)
+    present_BS = torch.arange(width, device=seq_ids_BL.device)[None, :] < num_seqs_B[:, None]
+    t_N = sample_t(int(present_BS.sum().item()), eps=eps, stratified=stratified, generator=generator)
+    t_BS = torch.ones(batch, width, device=seq_ids_BL.device)
+    t_BS[present_BS] = t_N.to(seq_ids_BL.device)
+    return t_BS
+
+
+# ----------------------------------------------------------------------------------------------
+# Masking
+
+
+@dataclass
+class MaskedBatch:
+    """Result of :func:`apply_masking` (2B rows when complementary)."""
+
+    noisy_input_ids: torch.Tensor
+    """[B, L] long: input with masked tokens replaced by ``<|mask|>``."""
+    target_ids: torch.Tensor
+    """[B, L] long: the clean tokens (targets at masked positions)."""
+    masked: torch.Tensor
+    """[B, L] bool: tokens replaced by ``<|mask|>`` (always a subset of ``answer_mask``)."""
+    answer_mask: torch.Tensor
+    """[B, L] bool: the answer tokens that could be masked."""
+    p_mask: torch.Tensor
+    """[B, L] float: masking probability of each token (0 outside answers)."""
+    loss_weight: torch.Tensor
+    """[B, L] float: ``-alpha'_t / (1 - alpha_t)`` at masked tokens, 0 elsewhere."""
+    t: torch.Tensor
+    """[B, S] float: diffusion time of each sub-sequence."""
+
+
+def per_token(values_BS: torch.Tensor, seq_ids_BL: torch.Tensor) -> torch.Tensor:
+    """Spread a per-sub-sequence value [B, S] to tokens [B, L] (padding takes slot 0; mask it out)."""
+    return values_BS.gather(1, seq_ids_BL.clamp(min=0))
+
+
+def apply_masking(
+    input_ids_BL: torch.Tensor,
+    answer_mask_BL: torch.Tensor,
+    seq_ids_BL: torch.Tensor,
+    t_BS: torch.Tensor,
+    *,
+    mask_token_id: int,
+    schedule: str = "linear",
+    generator: torch.Generator | None = None,
+    complementary: bool = False,
+    eps: float = 1e-3,
+) -> MaskedBatch:
+    """Mask each answer token of sub-sequence (b, s) independently with probability ``p_mask(t[b, s])``.
+
+    Prompt, image, template and padding tokens are never masked (they are outside ``answer_mask``;
+    padding is excluded again through ``seq_ids = -1``).
+
+    ``complementary``: the batch is doubled. Rows B..2B-1 are the same samples with exactly the
+    answer tokens that rows 0..B-1 left clean masked; each of their tokens is masked with probability
+    ``1 - p_mask(t)``, so their time is ``t' = t_for_p_mask(1 - p_mask(t))`` (``1 - t`` linear),
+    clamped to ``[eps, 1)``. Every other per-row input (``seq_ids``, ``position_ids``, vision
+    features) must then be repeated by the caller: ``torch.cat([x, x])`` along the batch dimension.
+    """
+    answer_mask_BL = answer_mask_BL.bool() & (seq_ids_BL >= 0)
+    t_BL = per_token(t_BS, seq_ids_BL)
+    p_mask_BL = torch.where(answer_mask_BL, p_mask_at(t_BL, schedule), torch.zeros_like(t_BL))
+    gen_device = generator.device if generator is not None else "cpu"
+    u_BL = torch.rand(input_ids_BL.shape, generator=generator, device=gen_device).to(input_ids_BL.device)
+    masked_BL = answer_mask_BL & (u_BL < p_mask_BL)
+    if complementary:
+        t_comp_BS = t_for_p_mask(1.0 - p_mask_at(t_BS, schedule), schedule).clamp(eps, 1.0 - 1e-7)
+        t_BS = torch.cat([t_BS, t_comp_BS])
+        masked_BL = torch.cat([masked_BL, answer_mask_BL & ~masked_BL])
+        input_ids_BL = torch.cat([input_ids_BL, input_ids_BL])
+        answer_mask_BL = torch.cat([answer_mask_BL, answer_mask_BL])
+        seq_ids_BL = torch.cat([seq_ids_BL, seq_ids_BL])
+        t_BL = per_token(t_BS, seq_ids_BL)
+        p_mask_BL = torch.where(answer_mask_BL, p_mask_at(t_BL, schedule), torch.zeros_like(t_BL))
+    loss_weight_BL = torch.where(masked_BL, loss_weight_at(t_BL, schedule), torch.zeros_like(t_BL))
+    noisy_BL = torch.where(masked_BL, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL)
+    return MaskedBatch(
+        noisy_input_ids=noisy_BL,
+        target_ids=input_ids_BL,
+        masked=masked_BL,
+        answer_mask=answer_mask_BL,
+        p_mask=p_mask_BL,
+        loss_weight=loss_weight_BL,
+        t=t_BS,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss at masked positions
+
+
+@dataclass
+class DiffusionLoss:
+    """Output of :func:`masked_diffusion_loss`."""
+
+    loss: torch.Tensor
+    """Scalar to back-propagate: weighted CE sum divided by the normaliser."""
+    weighted_ce_sum: torch.Tensor
+    """Scalar, detached: sum over masked tokens of ``loss_weight * CE`` (before normalisation)."""
+    ce_sum: torch.Tensor
+    """Scalar, detached: sum over masked tokens of the plain CE (for logging)."""
+    num_masked: torch.Tensor
+    """Scalar long: number of masked tokens in this micro-batch."""
+
+
+def gather_source_positions(
+    masked_BL: torch.Tensor, *, shift: bool, seq_ids_BL: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, target position and hidden-state position of every masked token, in row-major order.
+
+    The hidden-state position is the target position, or the one before it with ``shift``.
+    """
+    rows_M, cols_M = masked_BL.nonzero(as_tuple=True)
+    if not shift:
+        return rows_M, cols_M, cols_M
+    if bool((cols_M == 0).any()):
+        raise ValueError("shift=True cannot predict a masked token at position 0: it has no predecessor")
+    source_M = cols_M - 1
+    if seq_ids_BL is not None and not bool(
+        (seq_ids_BL[rows_M, source_M] == seq_ids_BL[rows_M, cols_M]).all()
+    ):
+        raise ValueError("shift=True: a masked token is the first of its sub-sequence and has no predecessor")
+    return rows_M, cols_M, source_M
+
+
+def _chunk_ce(
+    hidden_MH: torch.Tensor,
+    targets_M: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    mask_id: int,
+) -> torch.Tensor:
+    logits_MV = lm_head(hidden_MH).float()
+    logits_MV[:, mask_id] = float("-inf")  # the mask token is never a prediction
+    return F.cross_entropy(logits_MV, targets_M, reduction="none")
+
+
+def masked_cross_entropy(
+    hidden_MH: torch.Tensor,
+    targets_M: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    mask_token_id: int,
+    chunk_size: int = 1024,
+    checkpoint_chunks: bool = True,
+) -> torch.Tensor:
+    """Per-token CE [M] of ``lm_head(hidden)`` against ``targets``, ``chunk_size`` rows at a time.
+
+    ``lm_head`` is called as a module (ZeRO-3 gathers its weight). With ``checkpoint_chunks`` (and
+    grad enabled) each chunk's [chunk, V] logits are recomputed in backward instead of kept, so at
+    most one chunk of logits is alive.
+    """
+    if hidden_MH.shape[0] == 0:
+        return hidden_MH.new_zeros(0, dtype=torch.float32)
+    pieces = []
+    for start in range(0, hidden_MH.shape[0], chunk_size):
+        h_CH = hidden_MH[start : start + chunk_size]
+        y_C = targets_M[start : start + chunk_size]
+        if checkpoint_chunks and torch.is_grad_enabled() and h_CH.requires_grad:
+            pieces.append(checkpoint(_chunk_ce, h_CH, y_C, lm_head, mask_token_id, use_reentrant=False))
+        else:
+            pieces.append(_chunk_ce(h_CH, y_C, lm_head, mask_token_id))
+    return torch.cat(pieces)
+
+
+def masked_diffusion_loss(
+    hidden_BLH: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    target_ids_BL: torch.Tensor,
+    masked_BL: torch.Tensor,
+    loss_weight_BL: torch.Tensor,
+    *,
+    mask_token_id: int,
+    normalization: str = "answer_tokens",
+    num_normalizer: float | torch.Tensor | None = None,
+    answer_mask_BL: torch.Tensor | None = None,
+    seq_ids_BL: torch.Tensor | None = None,
+    shift: bool = False,
+    chunk_size: int = 1024,
+    checkpoint_chunks: bool = True,
+) -> DiffusionLoss:
+    """The MDLM loss at masked positions only.
+
+    ``normalization``:
+    - ``"answer_tokens"``: ``sum(loss_weight * CE) / num_normalizer``; pass the number of answer
+      tokens in ``num_normalizer`` (the trainer makes it global across micro-batches and ranks so the
+      gradient does not depend on packing or sharding); defaults to this batch's ``answer_mask`` count.
+    - ``"masked_tokens"``: the same sum divided by the number of masked tokens (``num_normalizer``
+      or this batch's count).
+    - ``"sequence"``: each sub-sequence's sum is divided by its own number of answer tokens, then
+      summed and divided by the number of sub-sequences (``num_normalizer`` or this batch's count of
+      sub-sequences with answers). Needs ``answer_mask_BL`` and ``seq_ids_BL``.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"unknown loss normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}"
+        )
+    masked_BL = masked_BL.bool()
+    rows_M, cols_M, source_M = gather_source_positions(masked_BL, shift=shift, seq_ids_BL=seq_ids_BL)
+    ce_M = masked_cross_entropy(
+        hidden_BLH[rows_M, source_M],
+        target_ids_BL[rows_M, cols_M],
+        lm_head,
+        mask_token_id=mask_token_id,
+        chunk_size=chunk_size,
+        checkpoint_chunks=checkpoint_chunks,
+    )
+    weight_M = loss_weight_BL[rows_M, cols_M].float()
+    weighted_M = weight_M * ce_M
+    num_masked = masked_BL.sum()
+
+    if normalization == "sequence":
+        if answer_mask_BL is None or seq_ids_BL is None:
+            raise ValueError("normalization 'sequence' needs answer_mask_BL and seq_ids_BL")
+        answers_BL = answer_mask_BL.bool() & (seq_ids_BL >= 0)
+        width = int(seq_ids_BL.max().clamp(min=0).item()) + 1
+        counts_BS = torch.zeros(seq_ids_BL.shape[0], width, device=seq_ids_BL.device)
+        counts_BS.scatter_add_(1, seq_ids_BL.clamp(min=0), answers_BL.float())
+        per_seq_M = counts_BS[rows_M, seq_ids_BL[rows_M, cols_M]]
+        total = (weighted_M / per_seq_M).sum()
+        divisor = num_normalizer if num_normalizer is not None else (counts_BS > 0).sum().clamp(min=1)
+    else:
+        total = weighted_M.sum()
+        if num_normalizer is not None:
+            divisor = num_normalizer
+        elif normalization == "masked_tokens":
+            divisor = num_masked.clamp(min=1)
+        else:
+            if answer_mask_BL is None:
+                raise ValueError("normalization 'answer_tokens' needs num_normalizer or answer_mask_BL")
+            divisor = answer_mask_BL.bool().sum().clamp(min=1)
+    if isinstance(divisor, torch.Tensor):
+        divisor = divisor.to(total.device, total.dtype)
+    # The sum over zero masked tokens is an exact 0 that still depends on lm_head, so every rank
+    # runs the same modules even when its batch has nothing masked.
+    if ce_M.numel() == 0:
+        total = total + 0.0 * lm_head(hidden_BLH[:1, :1]).sum()
+    return DiffusionLoss(
+        loss=total / divisor,
+        weighted_ce_sum=weighted_M.sum().detach(),
+        ce_sum=ce_M.sum().detach(),
+        num_masked=num_masked,
+    )
+
+
+def logits_at_positions(
+    hidden_BLH: torch.Tensor,
+    positions_BL: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    mask_token_id: int,
+    shift: bool = False,
+    seq_ids_BL: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float logits [N, V] at the True positions of ``positions_BL`` (row-major), mask logit = -inf.
+
+    For sampling and evaluation; ``shift`` as in the module docstring.
+    """
+    rows_N, _, source_N = gather_source_positions(positions_BL.bool(), shift=shift, seq_ids_BL=seq_ids_BL)
+    logits_NV = lm_head(hidden_BLH[rows_N, source_N]).float()
+    logits_NV[:, mask_token_id] = float("-inf")
+    return logits_NV

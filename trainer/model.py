@@ -1,0 +1,552 @@
+"""Model assembly: Qwen3-VL as a bidirectional masked diffusion LM with LoRA on its language model.
+
+:func:`build_mdlm_model` loads a stock ``Qwen3VLForConditionalGeneration`` (path or hub id) and
+:func:`assemble_mdlm_model` turns it into an :class:`MDLMModel`:
+
+- the language model is made bidirectional (DESIGN.md decision 1: ``text_config.is_causal = False``
+  AND ``is_causal = False`` on every text attention module) and its attention runs through a packed
+  backend from :mod:`trainer.attention`;
+- ``<|mask|>`` is registered in the tokenizer (151669 for Qwen; the 151,936-row embedding already
+  has room, it is never resized down);
+- the vision side (encoder, merger, deepstack mergers) is frozen;
+- PEFT LoRA goes on the language model's layers only, and ``trainable_token_indices`` makes the mask
+  token's embedding row (and nothing else of the embedding) trainable. PEFT wraps the whole stock
+  ``Qwen3VLForConditionalGeneration``, so module names stay stock and the adapter saved by
+  ``peft_model.save_pretrained`` loads with stock ``peft`` onto stock ``transformers``.
+
+The forward is split in two (decision 2): :meth:`MDLMModel.vision_features` runs the frozen vision
+tower under ``torch.no_grad()``, outside DeepSpeed; :class:`MDLMLanguageModel` (``engine_module``)
+is the trainable part that goes into the DeepSpeed engine. No deepspeed / torch.distributed here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer import attention, diffusion
+
+MASK_TOKEN = "<|mask|>"
+QWEN_MASK_TOKEN_ID = 151_669
+QWEN_IM_START_ID = 151_644  # identifies the Qwen vocabulary
+
+ATTENTION_ALIASES: dict[str, str] = {
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "flex": "flex",
+    "flex_attention": "flex",
+    "flash": "flash",
+    "flash_attention_2": "flash",
+    "flash_attn": "flash",
+}
+
+
+@dataclass
+class VisionFeatures:
+    """What the vision tower hands to the language model."""
+
+    image_embeds: torch.Tensor
+    """[I_tok, H]: merged image tokens of all images, in row-major order of appearance."""
+    deepstack: list[torch.Tensor] = field(default_factory=list)
+    """One [I_tok, H] tensor per deepstack layer, added to the visual positions of the first LM layers."""
+
+    def to(self, device: torch.device | str) -> VisionFeatures:
+        """The same features on ``device``."""
+        return VisionFeatures(self.image_embeds.to(device), [d.to(device) for d in self.deepstack])
+
+    def repeat(self, times: int) -> VisionFeatures:
+        """Features for a batch repeated ``times`` along rows (complementary masking doubles it)."""
+        return VisionFeatures(
+            torch.cat([self.image_embeds] * times), [torch.cat([d] * times) for d in self.deepstack]
+        )
+
+
+@dataclass
+class MDLMOutput:
+    """Output of :class:`MDLMLanguageModel` when targets are given."""
+
+    loss: torch.Tensor
+    """Normalised loss to back-propagate (see ``trainer.diffusion.masked_diffusion_loss``)."""
+    weighted_ce_sum: torch.Tensor
+    """Detached sum of ``loss_weight * CE`` over masked tokens."""
+    ce_sum: torch.Tensor
+    """Detached sum of the plain CE over masked tokens."""
+    num_masked: torch.Tensor
+    """Number of masked tokens in the micro-batch."""
+    hidden_states: torch.Tensor
+    """[B, L, H] final hidden states."""
+
+
+def normalize_attention(name: str) -> str:
+    """Map an attention name (``sdpa``, ``eager``, ``flex``, ``flash`` or HF spellings) to a backend."""
+    if name not in ATTENTION_ALIASES:
+        raise ValueError(f"unknown attention implementation {name!r}: choose one of sdpa, eager, flex, flash")
+    backend = ATTENTION_ALIASES[name]
+    if backend == "flash" and not attention.flash_attn_available():
+        raise ValueError("attention 'flash' needs the flash-attn package: pip install '.[flash]' or use flex")
+    return backend
+
+
+def text_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every self-attention module of the language model (not the vision tower)."""
+    language_model = _base(model).model.language_model
+    return [layer.self_attn for layer in language_model.layers]
+
+
+def set_text_causal(model: nn.Module, causal: bool) -> None:
+    """Set ``text_config.is_causal`` and ``is_causal`` on every text attention module.
+
+    DESIGN.md decision 1: both flags, because transformers versions read different ones.
+    """
+    base = _base(model)
+    base.config.text_config.is_causal = causal
+    base.model.language_model.config.is_causal = causal  # the same object in 5.x; cheap if a copy
+    for module in text_attention_modules(base):
+        module.is_causal = causal
+
+
+def ensure_mask_token(tokenizer: Any, num_embeddings: int) -> int:
+    """Register ``<|mask|>`` in ``tokenizer`` if missing and return its id.
+
+    For the Qwen vocabulary the id must be 151669 (the first free id after the published added
+    tokens). The id must fit in the embedding (Qwen's has 151,936 rows).
+    """
+    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if mask_id is None or mask_id == tokenizer.unk_token_id:
+        tokenizer.add_tokens([MASK_TOKEN], special_tokens=True)
+        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if tokenizer.convert_tokens_to_ids("<|im_start|>") == QWEN_IM_START_ID and mask_id != QWEN_MASK_TOKEN_ID:
+        raise ValueError(
+            f"{MASK_TOKEN} got id {mask_id} in a Qwen tokenizer, expected {QWEN_MASK_TOKEN_ID}: "
+            "use the published Qwen3-VL tokenizer (or make-tiny's) without other added tokens"
+        )
+    if mask_id >= num_embeddings:
+        raise ValueError(
+            f"{MASK_TOKEN} id {mask_id} does not fit the embedding of {num_embeddings} rows: "
+            "the model's vocabulary is too small for this tokenizer"
+        )
+    return int(mask_id)
+
+
+def lora_target_regex(target_modules: Sequence[str]) -> str:
+    """PEFT ``target_modules`` regex restricted to the language model's decoder layers."""
+    if not target_modules:
+        raise ValueError("lora target_modules is empty: name at least one, e.g. q_proj")
+    names = "|".join(re.escape(name) for name in target_modules)
+    return rf"model\.language_model\.layers\.\d+\.(?:.*\.)?(?:{names})"
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    """Parameter dtype of ``module`` (PEFT wrappers have no ``.dtype``)."""
+    return next(module.parameters()).dtype
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The ``Qwen3VLForConditionalGeneration`` inside a PEFT model (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class MDLMLanguageModel(nn.Module):
+    """The trainable half that goes into the DeepSpeed engine.
+
+    Holds the language model (with LoRA and the trainable mask row), ``lm_head`` and, only when the
+    vision tower is trained, ``visual``. Called as
+    ``module(input_ids, position_ids, seq_ids, vision, ...)``:
+
+    - without ``target_ids``: returns the final hidden states [B, L, H];
+    - with ``target_ids``, ``masked`` and ``loss_weight``: returns an :class:`MDLMOutput` whose loss
+      comes from :func:`trainer.diffusion.masked_diffusion_loss` (LM head only at masked positions).
+    """
+
+    def __init__(
+        self,
+        language_model: nn.Module,
+        lm_head: nn.Module,
+        *,
+        backend: str,
+        image_token_id: int,
+        mask_token_id: int,
+        visual: nn.Module | None = None,
+        vision_config: Any = None,
+    ) -> None:
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+        self.visual = visual
+        self.backend = backend
+        self.image_token_id = image_token_id
+        self.mask_token_id = mask_token_id
+        self.vision_config = vision_config
+
+    # -- vision inside the engine (train_vision / train_merger only) --------------------------
+
+    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.vision_config
+        merge = cfg.spatial_merge_size
+        grid_thw = torch.tensor([[1, merge, merge]], device=device)  # one merged token, 32x32 px
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        return torch.zeros(merge * merge, patch_dim, device=device), grid_thw
+
+    def _encode_images(
+        self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None, device: torch.device
+    ) -> tuple[VisionFeatures | None, torch.Tensor]:
+        """Run the trainable vision tower; returns (features or None, a zero that depends on it)."""
+        assert self.visual is not None
+        blank = pixel_values is None
+        if blank:
+            # Every rank runs the vision tower on every step so ZeRO-3 gathers the same parameters
+            # everywhere; a text-only batch runs it on a blank image and adds an exact zero.
+            pixel_values, image_grid_thw = self._blank_image(device)
+        out = self.visual(pixel_values.to(_dtype(self.visual)), grid_thw=image_grid_thw, return_dict=True)
+        features = VisionFeatures(out.pooler_output, list(out.deepstack_features))
+        zero = 0.0 * (features.image_embeds.sum() + sum(d.sum() for d in features.deepstack))
+        return (None if blank else features), zero
+
+    # -- the language model ------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: torch.Tensor,
+        vision: VisionFeatures | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [B, L, H] of the bidirectional text model over packed rows.
+
+        ``input_ids`` [B, L], ``position_ids`` [3, B, L] (M-RoPE, per sub-sequence), ``seq_ids`` [B, L]
+        (-1 = padding). ``vision`` holds the image features in row-major order of the ``<|image_pad|>``
+        tokens; pass ``pixel_values``/``image_grid_thw`` instead when this module owns the vision tower.
+        """
+        zero = None
+        if self.visual is not None:
+            if vision is not None:
+                raise ValueError("this model trains its vision tower: pass pixel_values, not vision features")
+            vision, zero = self._encode_images(pixel_values, image_grid_thw, input_ids.device)
+        elif pixel_values is not None:
+            raise ValueError(
+                "the vision tower is frozen: compute MDLMModel.vision_features first, pass vision="
+            )
+
+        embed = self.language_model.get_input_embeddings()
+        inputs_embeds_BLH = embed(input_ids)
+        image_mask_BL = input_ids == self.image_token_id
+        num_image_tokens = int(image_mask_BL.sum().item())
+        visual_pos_masks = None
+        deepstack = None
+        if vision is not None:
+            if vision.image_embeds.shape[0] != num_image_tokens:
+                raise ValueError(
+                    f"the batch has {num_image_tokens} <|image_pad|> tokens but the vision features have "
+                    f"{vision.image_embeds.shape[0]} rows: image_grid_thw and input_ids disagree"
+                )
+            image_embeds = vision.image_embeds.to(inputs_embeds_BLH.device, inputs_embeds_BLH.dtype)
+            mask_BLH = image_mask_BL[..., None].expand_as(inputs_embeds_BLH)
+            inputs_embeds_BLH = inputs_embeds_BLH.masked_scatter(mask_BLH, image_embeds)
+            visual_pos_masks = image_mask_BL
+            deepstack = [d.to(inputs_embeds_BLH.device, inputs_embeds_BLH.dtype) for d in vision.deepstack]
+        elif num_image_tokens:
+            raise ValueError(f"the batch has {num_image_tokens} <|image_pad|> tokens but no vision features")
+
+        packed = attention.prepare_packed_attention(seq_ids, self.backend, cu_seqlens, max_seqlen)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds_BLH,
+            position_ids=position_ids,
+            attention_mask=None,
+            use_cache=False,
+            visual_pos_masks=visual_pos_masks,
+            deepstack_visual_embeds=deepstack,
+            **{attention.KWARG: packed},
+        )
+        hidden_BLH = out.last_hidden_state
+        return hidden_BLH if zero is None else hidden_BLH + zero.to(hidden_BLH.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: torch.Tensor,
+        vision: VisionFeatures | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+        shift: bool = False,
+        answer_mask: torch.Tensor | None = None,
+        normalization: str = "answer_tokens",
+        num_normalizer: float | torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        chunk_size: int = 1024,
+    ) -> torch.Tensor | MDLMOutput:
+        """Hidden states [B, L, H], or with targets the MDLM loss (:class:`MDLMOutput`).
+
+        ``input_ids`` are the noisy ids (masked tokens replaced), ``target_ids`` the clean ones;
+        ``masked``/``loss_weight``/``answer_mask`` [B, L]; ``normalization``/``num_normalizer`` as in
+        :func:`trainer.diffusion.masked_diffusion_loss`; ``shift`` as in :mod:`trainer.diffusion`.
+        """
+        hidden_BLH = self.hidden_states(
+            input_ids,
+            position_ids,
+            seq_ids,
+            vision,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+        )
+        if target_ids is None:
+            return hidden_BLH
+        if masked is None or loss_weight is None:
+            raise ValueError("target_ids needs masked and loss_weight (see trainer.diffusion.apply_masking)")
+        result = diffusion.masked_diffusion_loss(
+            hidden_BLH,
+            self.lm_head,
+            target_ids,
+            masked,
+            loss_weight,
+            mask_token_id=self.mask_token_id,
+            normalization=normalization,
+            num_normalizer=num_normalizer,
+            answer_mask_BL=answer_mask,
+            seq_ids_BL=seq_ids,
+            shift=shift,
+            chunk_size=chunk_size,
+        )
+        return MDLMOutput(
+            loss=result.loss,
+            weighted_ce_sum=result.weighted_ce_sum,
+            ce_sum=result.ce_sum,
+            num_masked=result.num_masked,
+            hidden_states=hidden_BLH,
+        )
+
+    def logits_at(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: torch.Tensor,
+        positions: torch.Tensor,
+        vision: VisionFeatures | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        shift: bool = False,
+    ) -> torch.Tensor:
+        """Float logits [N, V] at the True entries of ``positions`` [B, L] (row-major), mask logit -inf."""
+        hidden_BLH = self.hidden_states(
+            input_ids, position_ids, seq_ids, vision, pixel_values=pixel_values, image_grid_thw=image_grid_thw
+        )
+        return diffusion.logits_at_positions(
+            hidden_BLH,
+            positions,
+            self.lm_head,
+            mask_token_id=self.mask_token_id,
+            shift=shift,
+            seq_ids_BL=seq_ids,
+        )
+
+
+class MDLMModel:
+    """The assembled model: frozen vision tower outside the engine + :class:`MDLMLanguageModel`."""
+
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        tokenizer: Any,
+        mask_token_id: int,
+        engine_module: MDLMLanguageModel,
+        backend: str,
+        use_lora: bool,
+    ) -> None:
+        self.peft_model = peft_model
+        """The PEFT model wrapping the whole stock Qwen3VLForConditionalGeneration (the base model
+        itself when ``use_lora=False``); ``save_pretrained`` on it writes a standard adapter."""
+        self.tokenizer = tokenizer
+        self.mask_token_id = mask_token_id
+        self.engine_module = engine_module
+        self.backend = backend
+        self.use_lora = use_lora
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The stock ``Qwen3VLForConditionalGeneration`` (shared with ``peft_model``)."""
+        return _base(self.peft_model)
+
+    @property
+    def language(self) -> MDLMLanguageModel:
+        """Alias of ``engine_module`` (the name CONTRACTS.md uses)."""
+        return self.engine_module
+
+    @property
+    def config(self) -> Any:
+        """The ``Qwen3VLConfig`` (text side bidirectional)."""
+        return self.base_model.config
+
+    @property
+    def visual(self) -> nn.Module:
+        """The vision tower (frozen unless train_vision/train_merger)."""
+        return self.base_model.model.visual
+
+    def set_attention(self, attn_implementation: str) -> None:
+        """Switch the language model's packed attention backend (e.g. flex for training, sdpa to check)."""
+        backend = normalize_attention(attn_implementation)
+        attention.register_attention_backends()
+        self.base_model.set_attn_implementation({"text_config": attention.attn_implementation_name(backend)})
+        self.engine_module.backend = backend
+        self.backend = backend
+
+    @torch.no_grad()
+    def vision_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+        """Run the vision tower without gradients (``no_grad``, not ``inference_mode``, so its outputs
+        may enter the language model's autograd graph)."""
+        visual = self.visual
+        out = visual(pixel_values.to(_dtype(visual)), grid_thw=image_grid_thw, return_dict=True)
+        return VisionFeatures(out.pooler_output, list(out.deepstack_features))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Unique parameters of the language model (embeddings and head, tied counted once, no LoRA),
+        of the vision side, and of everything trainable."""
+        base = self.base_model
+
+        def unique(params: Any, keep: Any = lambda name, p: True) -> int:
+            seen: dict[int, int] = {}
+            for name, p in params:
+                if keep(name, p):
+                    seen[id(p)] = p.numel()
+            return sum(seen.values())
+
+        def stock(name: str, p: nn.Parameter) -> bool:
+            return "lora_" not in name and "trainable_tokens" not in name and "modules_to_save" not in name
+
+        language = unique(
+            [*base.model.language_model.named_parameters(), *base.lm_head.named_parameters()], stock
+        )
+        vision = unique(base.model.visual.named_parameters(), stock)
+        trainable = unique(self.peft_model.named_parameters(), lambda name, p: p.requires_grad)
+        return {"language_model": language, "vision": vision, "trainable": trainable}
+
+
+def assemble_mdlm_model(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    attn_implementation: str = "sdpa",
+    use_lora: bool = True,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    train_vision: bool = False,
+    train_merger: bool = False,
+    gradient_checkpointing: bool = False,
+) -> MDLMModel:
+    """Turn a loaded stock ``Qwen3VLForConditionalGeneration`` into an :class:`MDLMModel` (in place).
+
+    Also used on the meta device (``benchmarks/param_counts.py``), so it reads no weights.
+    """
+    backend = normalize_attention(attn_implementation)
+    attention.register_attention_backends()
+    vision_impl = {"flash": "flash_attention_2", "eager": "eager"}.get(backend, "sdpa")
+    model.set_attn_implementation(
+        {"text_config": attention.attn_implementation_name(backend), "vision_config": vision_impl}
+    )
+    set_text_causal(model, False)
+
+    mask_id = ensure_mask_token(tokenizer, model.get_input_embeddings().num_embeddings)
+
+    model.requires_grad_(False)
+    vision_modules: list[str] = []
+    if train_vision:
+        vision_modules = ["model.visual"]
+    elif train_merger:
+        vision_modules = ["model.visual.merger", "model.visual.deepstack_merger_list"]
+
+    if gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and with ZeRO-3.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=lora_target_regex(target_modules),
+            trainable_token_indices={"embed_tokens": [mask_id]},
+            # A trained vision part is saved whole in the adapter (PEFT modules_to_save).
+            modules_to_save=vision_modules or None,
+            bias="none",
+        )
+        peft_model = get_peft_model(model, lora_config)
+    else:
+        peft_model = model
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        for name in vision_modules:
+            model.get_submodule(name).requires_grad_(True)
+
+    engine_module = MDLMLanguageModel(
+        model.model.language_model,
+        model.lm_head,
+        backend=backend,
+        image_token_id=int(model.config.image_token_id),
+        mask_token_id=mask_id,
+        visual=model.model.visual if vision_modules else None,
+        vision_config=model.config.vision_config,
+    )
+    return MDLMModel(peft_model, tokenizer, mask_id, engine_module, backend, use_lora)
+
+
+def build_mdlm_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    use_lora: bool = True,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    train_vision: bool = False,
+    train_merger: bool = False,
+    gradient_checkpointing: bool = False,
+) -> MDLMModel:
+    """Load Qwen3-VL from ``name_or_path`` in ``dtype`` and assemble it (see :func:`assemble_mdlm_model`)."""
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+        dtype = getattr(torch, dtype)
+    normalize_attention(attn_implementation)  # fail on a bad name before loading gigabytes
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        name_or_path, dtype=dtype, attn_implementation="sdpa"
+    )
+    return assemble_mdlm_model(
+        model,
+        tokenizer,
+        attn_implementation=attn_implementation,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        train_vision=train_vision,
+        train_merger=train_merger,
+        gradient_checkpointing=gradient_checkpointing,
+    )
