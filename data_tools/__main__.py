@@ -1,0 +1,39 @@
+"""`python -m data_tools COMMAND ...`: each command lives in its own module, imported on demand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("data_tools.build", "Build pre-tokenised WebDataset shards + index.json from a dataset"),
+    "verify": ("data_tools.inspect", "Check every sample of a shard set against its index.json"),
+    "inspect": ("data_tools.inspect", "Summary table and token-length histogram of a shard set"),
+    "synth": ("data_tools.synth", "Render the synthetic demo dataset (shapes, colours, labels) as shards"),
+}
+
+
+def usage() -> str:
+    """The command list."""
+    lines = ["usage: python -m data_tools COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to `data_tools.<module>.main(argv)` (`verify` goes to `inspect.verify_main`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    entry = module.verify_main if command == "verify" else module.main
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Conversation -> `input_ids`, `answer_mask`, `image_grid_thw` with the model's tokenizer and template.
+
+The conversation is rendered with the tokenizer's own chat template (one `<|image_pad|>` per
+image), tokenised once with character offsets, and each `<|image_pad|>` is then expanded to
+H*W/1024 pads (one per merged 32x32 patch), as the Qwen3-VL processor does. The answer mask is 1
+on the tokens of the assistant answers (the last one, or all, per `train_on`) and their
+`<|im_end|>`; the character span of each answer comes from rendering the conversation up to that
+turn with `add_generation_prompt=True` and taking what the next turn adds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+IMAGE_PAD = "<|image_pad|>"
+IM_END = "<|im_end|>"
+MASK_TOKEN = "<|mask|>"
+TRAIN_ON = ("last", "all")
+
+
+class SampleError(ValueError):
+    """A conversation that cannot become a sample; `reason` is the reject reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Tokenized:
+    """Token ids and the answer mask of one conversation, image pads expanded."""
+
+    input_ids: list[int]
+    answer_mask: list[int]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the vocabulary, the special/added tokens and the chat template."""
+    h = hashlib.sha256()
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h.update(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    added = sorted((int(i), str(t)) for i, t in tokenizer.added_tokens_decoder.items())
+    h.update(json.dumps(added, ensure_ascii=False).encode("utf-8"))
+    h.update(json.dumps(tokenizer.all_special_tokens, ensure_ascii=False).encode("utf-8"))
+    h.update((tokenizer.chat_template or "").encode("utf-8"))
+    return h.hexdigest()
+
+
+def tokenizer_info(tokenizer: Any, name_or_path: str) -> dict[str, Any]:
+    """The `index.json` "tokenizer" block: fingerprint, name_or_path, mask_token_id (or null)."""
+    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if mask_id is None or mask_id == tokenizer.unk_token_id or MASK_TOKEN not in tokenizer.get_vocab():
+        mask_id = None
+    return {
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "name_or_path": name_or_path,
+        "mask_token_id": mask_id,
+    }
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """`AutoTokenizer.from_pretrained(name_or_path)` with a clear error when it has no chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {name_or_path}: cannot load a tokenizer ({e}); give a model folder") from e
+    if not tokenizer.chat_template:
+        raise SystemExit(
+            f"--model {name_or_path}: the tokenizer has no chat template; use a Qwen3-VL model folder"
+        )
+    if not tokenizer.is_fast:
+        raise SystemExit(f"--model {name_or_path}: a fast tokenizer (tokenizer.json) is needed for offsets")
+    return tokenizer
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def answer_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], train_on: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans `[start, end)` of the target answers.
+
+    Each span covers the assistant's answer text and its `<|im_end|>`.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise SampleError("no_assistant_turn", "the conversation has no assistant turn")
+    if train_on == "last":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise SampleError(
+                "template_mismatch",
+                "the chat template does not render turns as a prefix of the whole conversation",
+            )
+        end = upto.find(IM_END, len(prompt))
+        if end < 0:
+            raise SampleError("template_mismatch", f"assistant turn {i} does not end with {IM_END}")
+        spans.append((len(prompt), end + len(IM_END)))
+    return text, spans
+
+
+def tokenize_conversation(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    image_num_tokens: list[int],
+    train_on: str = "last",
+) -> Tokenized:
+    """Token ids (image pads expanded to `image_num_tokens[i]` each) and the answer mask.
+
+    `messages` are normalised (`content` = list of `{"type": "image"}` / `{"type": "text"}` parts).
+    """
+    text, spans = answer_spans(tokenizer, messages, train_on)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    ids: list[int] = enc["input_ids"]
+    offsets: list[tuple[int, int]] = enc["offset_mapping"]
+    num_pads = sum(1 for t in ids if t == pad_id)
+    if num_pads != len(image_num_tokens):
+        raise SampleError(
+            "image_count_mismatch",
+            f"the rendered text has {num_pads} image slots for {len(image_num_tokens)} images",
+        )
+    input_ids: list[int] = []
+    answer_mask: list[int] = []
+    span_i = 0
+    image_i = 0
+    for tok, (start, end) in zip(ids, offsets, strict=True):
+        while span_i < len(spans) and start >= spans[span_i][1]:
+            span_i += 1
+        # A token is a target when it overlaps an answer span.
+        target = int(span_i < len(spans) and end > spans[span_i][0] and start < spans[span_i][1])
+        if tok == pad_id:
+            n = image_num_tokens[image_i]
+            image_i += 1
+            input_ids.extend([pad_id] * n)
+            answer_mask.extend([target] * n)
+        else:
+            input_ids.append(tok)
+            answer_mask.append(target)
+    if not any(answer_mask):
+        raise SampleError("empty_answer", "the assistant answer has no tokens")
+    return Tokenized(input_ids=input_ids, answer_mask=answer_mask)
