@@ -1,0 +1,477 @@
+"""Epoch plans computed from `index.json` alone: mixing, permutation, packing, global steps.
+
+Every rank builds the same plan from the same inputs (shard sets, weights, seed, epoch, max_tokens,
+packs per global step) without reading a tar, so every rank knows every step in advance: no rank can
+run out early, and a resume position is just `(epoch, step)`.
+
+Definitions (the contract the loader and its tests rely on):
+- The *sample list* of epoch e: for every shard set i, `round(weight_i * N_i)` samples taken from an
+  endless stream of per-cycle permutations of that set (weight 1: every sample once; 0.5: half the
+  set, the other half next epoch; 2: every sample twice), all shuffled together. Samples longer
+  than `max_tokens` are excluded up front and counted.
+- The *packs* of epoch e: the sample list cut into packs of at most `max_tokens` tokens by a
+  bounded-window best-fit (at most `window` packs open at once; a sample goes into the open pack
+  it fills best, else a new pack; when too many are open, the fullest is closed).
+- The *pack stream* of epoch e: the packs carried over from epoch e-1, then epoch e's own packs.
+- A *global step* takes the next `packs_per_step = micro_batch * grad_accum * world_size` packs of
+  the stream. The packs of a global step depend only on `packs_per_step`, never on how it factors
+  into ranks, so a run may resume at another world size with the same global batch. Rank r trains
+  on packs `[r * B * G, (r + 1) * B * G)` of the step, micro-batch m on the B rows after `m * B`.
+- The *remainder* (fewer than `packs_per_step` packs left at the end of the stream) is carried into
+  the next epoch's stream (default) or dropped (`drop_remainder`). The remainder of the last epoch
+  trained is never seen.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_tools.shards import read_index
+
+__all__ = [
+    "Catalog",
+    "EpochPlan",
+    "PlanSpec",
+    "Planner",
+    "SampleRef",
+    "best_fit_pack",
+    "load_catalog",
+    "parse_shard_spec",
+]
+
+# Seed-sequence tags keep the random streams of different purposes independent.
+_TAG_SET_CYCLE = 1
+_TAG_EPOCH_MIX = 2
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lives and what the index says about it (enough to read and check it)."""
+
+    key: str
+    """The sample key inside its shard set."""
+    shard_path: str
+    """Path of the tar holding the sample."""
+    offset: int
+    """Byte offset of the sample's first tar header."""
+    num_bytes: int
+    """Bytes spanned by all the sample's members."""
+    num_tokens: int
+    """len(input_ids)."""
+    image_grid_thw: tuple[tuple[int, int, int], ...]
+    """Grids of its images (in 16-px patches)."""
+
+
+@dataclass
+class Catalog:
+    """All samples of one or more shard sets, numbered 0..N-1 in (set, shard, index) order."""
+
+    directories: list[Path]
+    """The shard set directories, in the order given."""
+    set_of_sample: np.ndarray
+    """[N] int: shard set index of every sample."""
+    num_tokens: np.ndarray
+    """[N] int64: token length of every sample."""
+    refs: list[SampleRef]
+    """[N] the read location of every sample."""
+    fingerprints: list[str | None] = field(default_factory=list)
+    """Tokenizer fingerprint of every set (all equal; checked on load)."""
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def display_key(self, sample_id: int) -> str:
+        """The key used in plans and batches: the sample key, prefixed by `SET:` with several sets."""
+        key = self.refs[sample_id].key
+        if len(self.directories) == 1:
+            return key
+        return f"{int(self.set_of_sample[sample_id])}:{key}"
+
+
+def load_catalog(shard_dirs: Sequence[str | Path], limit: int = 0) -> Catalog:
+    """Read the `index.json` of every shard set (no tar is opened).
+
+    Args:
+        shard_dirs: shard set directories (each with `index.json`).
+        limit: keep only the first `limit` samples of every set, in index order (0 = all).
+
+    Raises:
+        ValueError: a missing/invalid index, or sets built with different tokenizers.
+    """
+    if not shard_dirs:
+        raise ValueError("no shard set given: pass at least one directory holding index.json")
+    set_of_sample: list[int] = []
+    refs: list[SampleRef] = []
+    fingerprints: list[str | None] = []
+    directories = [Path(d) for d in shard_dirs]
+    for set_index, directory in enumerate(directories):
+        index = read_index(directory)
+        fingerprints.append(index.get("tokenizer", {}).get("fingerprint"))
+        num_in_set = 0
+        for shard in index["shards"]:
+            shard_path = str(directory / shard["name"])
+            for s in shard["samples"]:
+                if limit and num_in_set >= limit:
+                    break
+                grids = tuple(tuple(int(v) for v in g) for g in s.get("image_grid_thw", []))
+                refs.append(
+                    SampleRef(
+                        s["key"],
+                        shard_path,
+                        int(s["offset"]),
+                        int(s["num_bytes"]),
+                        int(s["num_tokens"]),
+                        grids,
+                    )  # type: ignore[arg-type]
+                )
+                set_of_sample.append(set_index)
+                num_in_set += 1
+        if num_in_set == 0:
+            raise ValueError(f"{directory}/index.json lists no samples: rebuild the shard set or drop it")
+    known = {f for f in fingerprints if f is not None}
+    if len(known) > 1:
+        raise ValueError(
+            f"shard sets {[str(d) for d in directories]} were built with different tokenizers "
+            "(index.json tokenizer.fingerprint differs): rebuild them with one tokenizer"
+        )
+    return Catalog(
+        directories=directories,
+        set_of_sample=np.asarray(set_of_sample, dtype=np.int64),
+        num_tokens=np.asarray([r.num_tokens for r in refs], dtype=np.int64),
+        refs=refs,
+        fingerprints=fingerprints,
+    )
+
+
+def parse_shard_spec(spec: str) -> tuple[str, float]:
+    """`"DIR"` -> (DIR, 1.0); `"DIR:WEIGHT"` -> (DIR, WEIGHT). A suffix that is not a number stays in DIR."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"--shards {spec!r}: the weight must be a finite number >= 0")
+        return head, weight
+    return spec, 1.0
+
+
+def best_fit_pack(lengths: Sequence[int], max_tokens: int, window: int) -> list[list[int]]:
+    """Pack items (in the given order) into bins of at most `max_tokens`; returns bins of item positions.
+
+    Bounded-window best fit: at most `window` bins are open; an item goes into the open bin with the
+    least room that still fits it (oldest on ties), else into a new bin; a bin is closed when full,
+    or, when more than `window` are open, the fullest open bin is closed. Bins come out in closing
+    order, the ones still open at the end in opening order. Deterministic; O(n * window) worst case.
+    """
+    if window < 1:
+        raise ValueError(f"packing window must be >= 1, got {window}")
+    open_bins: list[tuple[int, int]] = []  # sorted (room left, bin id)
+    contents: dict[int, list[int]] = {}
+    closed: list[list[int]] = []
+    next_bin = 0
+    for position, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"item {position} has {n} tokens > max_tokens {max_tokens}")
+        i = bisect.bisect_left(open_bins, (n, -1))
+        if i < len(open_bins):
+            room, bin_id = open_bins.pop(i)
+            contents[bin_id].append(position)
+        else:
+            room, bin_id = max_tokens, next_bin
+            next_bin += 1
+            contents[bin_id] = [position]
+        room -= n
+        if room == 0:
+            closed.append(contents.pop(bin_id))
+            continue
+        bisect.insort(open_bins, (room, bin_id))
+        if len(open_bins) > window:
+            _, fullest = open_bins.pop(0)
+            closed.append(contents.pop(fullest))
+    closed.extend(contents[b] for b in sorted(contents))
+    return closed
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """The inputs of an epoch plan besides the catalog (all ranks must agree on them)."""
+
+    weights: tuple[float, ...]
+    """Per shard set: samples drawn per epoch as a multiple of its size."""
+    seed: int
+    """Seed of the permutations."""
+    max_tokens: int
+    """Tokens per pack (row)."""
+    packs_per_step: int
+    """Packs in one global step = micro_batch * grad_accum * world_size."""
+    drop_remainder: bool = False
+    """Drop the packs that do not fill the last global step of an epoch, instead of carrying them."""
+    window: int = 64
+    """Open packs in the best-fit window (larger packs tighter, at more CPU)."""
+    packing: bool = True
+    """False: one sample per pack (no packing)."""
+
+    def fingerprint(self, catalog: Catalog) -> str:
+        """A short hash of everything that determines the plan (for resume checks)."""
+        blob = json.dumps(
+            {
+                "spec": [list(self.weights), self.seed, self.max_tokens, self.packs_per_step],
+                "options": [self.drop_remainder, self.window, self.packing],
+                "sets": [str(d.resolve()) for d in catalog.directories],
+                "samples": len(catalog),
+                "tokens": int(catalog.num_tokens.sum()),
+            }
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class EpochPlan:
+    """The global plan of one epoch (identical on every rank)."""
+
+    epoch: int
+    """Epoch number."""
+    packs: list[tuple[int, ...]]
+    """The pack stream: carried-in packs, then this epoch's own packs (tuples of sample ids)."""
+    num_steps: int
+    """Global steps in this epoch."""
+    packs_per_step: int
+    """Packs per global step."""
+    num_carried_in: int
+    """Packs at the head of `packs` that came from the previous epoch."""
+    num_samples: int
+    """Samples in this epoch's own sample list."""
+    num_tokens: int
+    """Tokens in this epoch's own packs."""
+    num_too_long: int
+    """Samples excluded because they exceed max_tokens (per epoch, of the catalog)."""
+    drop_remainder: bool
+    """Whether the tail is dropped (else carried)."""
+    max_tokens: int
+    """Tokens per pack."""
+
+    @property
+    def num_own_packs(self) -> int:
+        """Packs built from this epoch's sample list."""
+        return len(self.packs) - self.num_carried_in
+
+    @property
+    def remainder(self) -> list[tuple[int, ...]]:
+        """Packs after the last full step: carried to the next epoch, or dropped."""
+        return self.packs[self.num_steps * self.packs_per_step :]
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Real tokens / (own packs * max_tokens)."""
+        return self.num_tokens / max(1, self.num_own_packs * self.max_tokens)
+
+    def step_packs(self, step: int) -> list[tuple[int, ...]]:
+        """All packs of global step `step`."""
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} outside epoch {self.epoch} ({self.num_steps} steps)")
+        return self.packs[step * self.packs_per_step : (step + 1) * self.packs_per_step]
+
+    def rank_packs(self, step: int, rank: int, world_size: int) -> list[tuple[int, ...]]:
+        """The packs rank `rank` trains on in `step` (contiguous slice of the step, in order)."""
+        if self.packs_per_step % world_size:
+            raise ValueError(f"packs per step {self.packs_per_step} do not divide by world size {world_size}")
+        per_rank = self.packs_per_step // world_size
+        return self.step_packs(step)[rank * per_rank : (rank + 1) * per_rank]
+
+
+class Planner:
+    """Computes (and caches) epoch plans; the same inputs give the same plan on every rank."""
+
+    def __init__(self, catalog: Catalog, spec: PlanSpec) -> None:
+        if len(spec.weights) != len(catalog.directories):
+            raise ValueError(
+                f"{len(spec.weights)} weights for {len(catalog.directories)} shard sets: give one per set"
+            )
+        if spec.max_tokens < 1 or spec.packs_per_step < 1:
+            raise ValueError(
+                "max_tokens and packs per step (micro_batch * grad_accum * world_size) must be >= 1"
+            )
+        self.catalog = catalog
+        self.spec = spec
+        fits = catalog.num_tokens <= spec.max_tokens
+        self.num_too_long = int((~fits).sum())
+        # Eligible samples of every set, in catalog order.
+        self._eligible = [
+            np.flatnonzero(fits & (catalog.set_of_sample == i)) for i in range(len(catalog.directories))
+        ]
+        self._cache: dict[int, EpochPlan] = {}
+
+    def epoch_samples(self, epoch: int) -> np.ndarray:
+        """The shuffled sample ids of `epoch` (before packing; see the module docstring)."""
+        parts = []
+        for set_index, (eligible, weight) in enumerate(zip(self._eligible, self.spec.weights, strict=True)):
+            n = len(eligible)
+            count = round(weight * n)
+            if n == 0 or count == 0:
+                continue
+            begin = epoch * count
+            chunks = []
+            for cycle in range(begin // n, (begin + count - 1) // n + 1):
+                perm = self._rng(_TAG_SET_CYCLE, set_index, cycle).permutation(n)
+                lo, hi = max(begin, cycle * n) - cycle * n, min(begin + count, (cycle + 1) * n) - cycle * n
+                chunks.append(eligible[perm[lo:hi]])
+            parts.append(np.concatenate(chunks))
+        if not parts:
+            raise ValueError(
+                f"no sample fits max_tokens {self.spec.max_tokens} with weights {list(self.spec.weights)}: "
+                "raise max_tokens or rebuild the shards with shorter samples"
+            )
+        samples = np.concatenate(parts)
+        return samples[self._rng(_TAG_EPOCH_MIX, epoch).permutation(len(samples))]
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The plan of `epoch` (computes the earlier epochs too when remainders are carried)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch in self._cache:
+            return self._cache[epoch]
+        first = epoch
+        if not self.spec.drop_remainder:
+            # The carry chains epochs: start from the latest cached one below, else from epoch 0.
+            first = max((e + 1 for e in self._cache if e < epoch), default=0)
+        for e in range(first, epoch + 1):
+            carried = [] if e == 0 or self.spec.drop_remainder else self._cache[e - 1].remainder
+            self._cache[e] = self._build(e, carried)
+            # Keep memory bounded: only the last two plans are needed for carrying and iteration.
+            for old in [k for k in self._cache if k < e - 1]:
+                del self._cache[old]
+        return self._cache[epoch]
+
+    def _build(self, epoch: int, carried: list[tuple[int, ...]]) -> EpochPlan:
+        samples = self.epoch_samples(epoch)
+        lengths = self.catalog.num_tokens[samples]
+        if self.spec.packing:
+            bins = best_fit_pack(lengths.tolist(), self.spec.max_tokens, self.spec.window)
+            own = [tuple(int(samples[p]) for p in b) for b in bins]
+        else:
+            own = [(int(s),) for s in samples]
+        if len(own) < self.spec.packs_per_step:
+            raise ValueError(
+                f"epoch {epoch} has {len(own)} packs, fewer than one global step of "
+                f"{self.spec.packs_per_step} (micro_batch * grad_accum * world_size): use a smaller batch "
+                "or more data"
+            )
+        packs = list(carried) + own
+        return EpochPlan(
+            epoch=epoch,
+            packs=packs,
+            num_steps=len(packs) // self.spec.packs_per_step,
+            packs_per_step=self.spec.packs_per_step,
+            num_carried_in=len(carried),
+            num_samples=len(samples),
+            num_tokens=int(lengths.sum()),
+            num_too_long=self.num_too_long,
+            drop_remainder=self.spec.drop_remainder,
+            max_tokens=self.spec.max_tokens,
+        )
+
+    def _rng(self, *tags: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.spec.seed, *tags]))
+
+
+def plan_summary(plan: EpochPlan, catalog: Catalog, world_size: int) -> dict[str, Any]:
+    """The JSON form of a plan: `steps[s][r]` = packs (lists of keys) of rank r at global step s."""
+    steps = [
+        [
+            [[catalog.display_key(i) for i in pack] for pack in plan.rank_packs(s, r, world_size)]
+            for r in range(world_size)
+        ]
+        for s in range(plan.num_steps)
+    ]
+    return {
+        "epoch": plan.epoch,
+        "world_size": world_size,
+        "packs_per_step": plan.packs_per_step,
+        "num_steps": plan.num_steps,
+        "steps": steps,
+        "packing_efficiency": plan.packing_efficiency,
+        "num_samples": plan.num_samples,
+        "num_tokens": plan.num_tokens,
+        "num_packs": plan.num_own_packs,
+        "num_excluded_too_long": plan.num_too_long,
+        "num_carried_in": plan.num_carried_in,
+        "remainder": [[catalog.display_key(i) for i in pack] for pack in plan.remainder],
+        "drop_remainder": plan.drop_remainder,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """`python -m trainer plan`: print the epoch plan computed from index.json (no tar is read)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer plan",
+        description="Print the epoch plan (packs per rank and global step) computed from index.json.",
+    )
+    parser.add_argument(
+        "--shards",
+        action="append",
+        required=True,
+        metavar="DIR[:WEIGHT]",
+        help="shard set directory, optionally with a mixing weight (repeat for several sets)",
+    )
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument("--window", type=int, default=64, help="open packs in the best-fit window")
+    parser.add_argument(
+        "--drop-remainder", action="store_true", help="drop, not carry, the last partial step"
+    )
+    parser.add_argument("--no-packing", action="store_true", help="one sample per row")
+    parser.add_argument("--json", action="store_true", help="print the full plan as JSON")
+    args = parser.parse_args(argv)
+    try:
+        for name in ("world_size", "micro_batch", "grad_accum", "max_tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        specs = [parse_shard_spec(s) for s in args.shards]
+        catalog = load_catalog([d for d, _ in specs])
+        spec = PlanSpec(
+            weights=tuple(w for _, w in specs),
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            packs_per_step=args.world_size * args.micro_batch * args.grad_accum,
+            drop_remainder=args.drop_remainder,
+            window=args.window,
+            packing=not args.no_packing,
+        )
+        plan = Planner(catalog, spec).plan(args.epoch)
+    except ValueError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
+    summary = plan_summary(plan, catalog, args.world_size)
+    summary.update(
+        micro_batch=args.micro_batch, grad_accum=args.grad_accum, seed=args.seed, max_tokens=args.max_tokens
+    )
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"epoch {plan.epoch}: {plan.num_steps} global steps x {plan.packs_per_step} packs "
+            f"({args.world_size} ranks x {args.grad_accum} micro-batches x {args.micro_batch} rows); "
+            f"{plan.num_samples} samples in {plan.num_own_packs} packs of <= {plan.max_tokens} tokens, "
+            f"packing efficiency {plan.packing_efficiency:.3f}; {plan.num_carried_in} packs carried in, "
+            f"{len(plan.remainder)} {'dropped' if plan.drop_remainder else 'carried out'}; "
+            f"{plan.num_too_long} samples longer than max_tokens excluded"
+        )
+    return 0
