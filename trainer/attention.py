@@ -29,6 +29,7 @@ back to show the difference per backend.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,7 +226,9 @@ def eager_packed_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores_BHLL = torch.matmul(query, key_BHLD.transpose(2, 3)) * scale
     scores_BHLL = scores_BHLL.masked_fill(~mask_B1LL, torch.finfo(scores_BHLL.dtype).min)
-    probs_BHLL = F.softmax(scores_BHLL, dim=-1, dtype=torch.float32).to(query.dtype)
+    # Softmax in at least fp32 (as stock eager does for bf16), in fp64 for fp64 inputs.
+    softmax_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    probs_BHLL = F.softmax(scores_BHLL, dim=-1, dtype=softmax_dtype).to(query.dtype)
     probs_BHLL = F.dropout(probs_BHLL, p=dropout, training=module.training)
     out_BHLD = torch.matmul(probs_BHLL, value_BHLD)
     return out_BHLD.transpose(1, 2).contiguous(), probs_BHLL
@@ -255,11 +258,18 @@ def flex_packed_attention(
         raise ValueError("attention dropout is not supported by the flex backend: set it to 0 or use sdpa")
     packed = _structure(kwargs, query, "flex")
     block_mask = packed.block_mask(causal=bool(getattr(module, "is_causal", False)))
-    # Compiled on CUDA for speed; uncompiled flex runs everywhere (slow, exact) and keeps CPU tests cheap.
-    attend = _compiled_flex_attention() if query.device.type == "cuda" else flex_attention
-    out_BHLD = attend(
-        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
+    enable_gqa = query.shape[1] != key.shape[1]
+    if query.device.type == "cuda":
+        out_BHLD = _compiled_flex_attention()(
+            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa
+        )
+    else:
+        with warnings.catch_warnings():
+            # Uncompiled on CPU on purpose (tests, tiny demo); torch warns that it is unfused.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out_BHLD = flex_attention(
+                query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa
+            )
     return out_BHLD.transpose(1, 2).contiguous(), None
 
 
