@@ -1,0 +1,589 @@
+"""MDLM generation for Qwen3-VL: fill an answer canvas of `<|mask|>` tokens in a few denoising steps.
+
+The answer canvas (`max_new_tokens` masks after the prompt's `<|im_start|>assistant\\n`) is cut into
+blocks of `block_size` filled left to right (semi-autoregressive, as LLaDA). Every step runs the
+bidirectional language model over prompt + canvas, predicts every still-masked position of the
+current block (greedy, or sampled with a temperature) and commits the most confident predictions
+(low-confidence remasking) or a random subset (random remasking); the rest stay masked. A row is
+done once it has committed `<|im_end|>` and everything before it. The vision tower runs once per
+call: its features are reused by every step.
+
+`generate(model, prompts, config, tokens)` is the one function; evaluation calls it too.
+`python -m trainer generate` wraps it (see `main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from trainer.diffusion import logits_at_positions
+
+
+@dataclass
+class GenerationConfig:
+    """How to fill the answer canvas."""
+
+    max_new_tokens: int = 32
+    """Answer canvas length in tokens (the answer plus its `<|im_end|>` must fit)."""
+    steps: int = 32
+    """Denoising steps in total, shared evenly between blocks; at least one per block."""
+    block_size: int = 32
+    """Semi-autoregressive block length; blocks are filled strictly left to right."""
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    """Which predictions to commit each step: the most confident ones, or a random subset."""
+    temperature: float = 0.0
+    """0 = greedy (argmax); > 0 samples from softmax(logits / temperature) with Gumbel noise."""
+    seed: int = 0
+    """Seed of the sampling / random-remasking generator (results are reproducible)."""
+    stop_at_eos: bool = True
+    """Stop a row once `<|im_end|>` and every token before it are committed."""
+    padding_side: Literal["right", "left"] = "right"
+    """Where padding goes in a batch of prompts of different lengths (pads get seq_id -1)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the fix."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size}: must be at least 1")
+        num_blocks = math.ceil(self.max_new_tokens / self.block_size)
+        if self.steps < num_blocks:
+            raise ValueError(
+                f"steps={self.steps} is fewer than the {num_blocks} blocks of max_new_tokens="
+                f"{self.max_new_tokens} / block_size={self.block_size}: raise --steps or --block-size"
+            )
+        if self.remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking={self.remasking!r}: use 'low_confidence' or 'random'")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side={self.padding_side!r}: use 'right' or 'left'")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The token ids and vision settings generation needs (read from tokenizer and model config)."""
+
+    mask: int
+    """`<|mask|>`: the canvas token; never predicted."""
+    eos: int
+    """`<|im_end|>`: ends the answer."""
+    pad: int
+    """`<|endoftext|>`: padding between rows of a batch."""
+    image: int
+    """`<|image_pad|>`: positions that receive image embeddings."""
+    vision_start: int
+    """`<|vision_start|>`: needed for M-RoPE ids."""
+    spatial_merge_size: int
+    """Vision merge factor (2 on Qwen3-VL): needed for M-RoPE ids."""
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, model_config: Any) -> SpecialTokens:
+        """Ids from a tokenizer with `<|mask|>` and a `Qwen3VLConfig` (never hard-coded numbers)."""
+        mask = tokenizer.convert_tokens_to_ids("<|mask|>")
+        if mask is None or mask == getattr(tokenizer, "unk_token_id", -1):
+            raise ValueError("the tokenizer has no <|mask|> token: load it through trainer.model")
+        return cls(
+            mask=int(mask),
+            eos=int(tokenizer.convert_tokens_to_ids("<|im_end|>")),
+            pad=int(tokenizer.convert_tokens_to_ids("<|endoftext|>")),
+            image=int(model_config.image_token_id),
+            vision_start=int(model_config.vision_start_token_id),
+            spatial_merge_size=int(model_config.vision_config.spatial_merge_size),
+        )
+
+
+@dataclass
+class Prompt:
+    """One request: a chat-formatted prompt and its images, already processed."""
+
+    input_ids: list[int]
+    """Prompt tokens, image pads expanded, ending with `<|im_start|>assistant\\n`."""
+    pixel_values: torch.Tensor | None = None
+    """[P, C*T*16*16] patches of this prompt's images (Qwen image processor output) or None."""
+    image_grid_thw: torch.Tensor | None = None
+    """[I, 3] grid of each image in 16-px patches, or None for a text-only prompt."""
+
+
+@dataclass
+class Generation:
+    """The answer of one prompt."""
+
+    token_ids: list[int]
+    """Answer tokens before `<|im_end|>` (the whole canvas if it was never committed)."""
+    commit_steps: list[int]
+    """For each answer token, the (1-based) step at which it was committed."""
+    finished: bool
+    """True if `<|im_end|>` was committed (the answer ended inside the canvas)."""
+    num_steps: int
+    """Steps run for this row (fewer than `steps` when it stopped at `<|im_end|>`)."""
+    eos_step: int | None = None
+    """Step at which `<|im_end|>` was committed, or None."""
+    text: str = ""
+    """Decoded answer (filled by callers that hold a tokenizer)."""
+    canvas: list[int] = field(default_factory=list)
+    """The whole canvas at the end (masks left after `<|im_end|>` stay masks)."""
+    canvas_steps: list[int] = field(default_factory=list)
+    """Commit step of every canvas position (0 = never committed)."""
+
+
+class _LanguageLike(Protocol):
+    lm_head: nn.Module
+
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: torch.Tensor, vision: Any
+    ) -> torch.Tensor: ...
+
+
+class MDLMModelLike(Protocol):
+    """What generation needs of `trainer.model.MDLMModel`."""
+
+    language: Any
+
+    def vision_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any: ...
+
+
+def _block_step_counts(config: GenerationConfig) -> list[int]:
+    """Steps per block: `steps` spread evenly, the first blocks taking the remainder."""
+    num_blocks = math.ceil(config.max_new_tokens / config.block_size)
+    base, extra = divmod(config.steps, num_blocks)
+    return [base + (1 if block < extra else 0) for block in range(num_blocks)]
+
+
+def _position_ids(ids_L: torch.Tensor, grid_thw: torch.Tensor | None, tokens: SpecialTokens) -> torch.Tensor:
+    from trainer.positions import mrope_position_ids
+
+    return mrope_position_ids(
+        ids_L,
+        grid_thw,
+        spatial_merge_size=tokens.spatial_merge_size,
+        image_token_id=tokens.image,
+        vision_start_token_id=tokens.vision_start,
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: MDLMModelLike,
+    prompts: Sequence[Prompt],
+    config: GenerationConfig,
+    tokens: SpecialTokens,
+    *,
+    shift: bool = False,
+    language: nn.Module | None = None,
+) -> list[Generation]:
+    """Fill an answer canvas for each prompt (batched; rows never see each other).
+
+    `shift=True` for models trained with the shifted objective (position i-1 predicts token i).
+    `language` overrides `model.language` (e.g. a DeepSpeed engine wrapping it); it must return
+    hidden states [B, L, H] and carry the `lm_head` of the model.
+    """
+    config.validate()
+    if not prompts:
+        return []
+    language = model.language if language is None else language
+    lm_head: nn.Module = model.language.lm_head
+    device = next(model.language.parameters()).device
+    num_rows, canvas_len = len(prompts), config.max_new_tokens
+
+    # Layout: each row is prompt + canvas, padded to a common length (multiple of 8, as PackedBatch).
+    row_lens = [len(p.input_ids) + canvas_len for p in prompts]
+    seq_len = -(-max(row_lens) // 8) * 8
+    input_ids_BL = torch.full((num_rows, seq_len), tokens.pad, dtype=torch.long)
+    seq_ids_BL = torch.full((num_rows, seq_len), -1, dtype=torch.long)
+    position_ids_3BL = torch.zeros((3, num_rows, seq_len), dtype=torch.long)
+    canvas_start_B = torch.zeros(num_rows, dtype=torch.long)
+    for row, (prompt, row_len) in enumerate(zip(prompts, row_lens, strict=True)):
+        start = 0 if config.padding_side == "right" else seq_len - row_len
+        ids_L = torch.tensor(list(prompt.input_ids) + [tokens.mask] * canvas_len, dtype=torch.long)
+        input_ids_BL[row, start : start + row_len] = ids_L
+        seq_ids_BL[row, start : start + row_len] = 0
+        # M-RoPE ids depend only on where image tokens are, so masks in the canvas are plain text.
+        position_ids_3BL[:, row, start : start + row_len] = _position_ids(
+            ids_L, prompt.image_grid_thw, tokens
+        )
+        canvas_start_B[row] = start + len(prompt.input_ids)
+
+    # The vision tower runs once for the whole request; every denoising step reuses its features.
+    vision = None
+    with_images = [p for p in prompts if p.image_grid_thw is not None and len(p.image_grid_thw)]
+    if with_images:
+        pixel_values = torch.cat([p.pixel_values for p in with_images]).to(device)  # type: ignore[misc]
+        grid_thw = torch.cat([p.image_grid_thw for p in with_images]).to(device)  # type: ignore[misc]
+        vision = model.vision_features(pixel_values, grid_thw)
+
+    input_ids_BL = input_ids_BL.to(device)
+    seq_ids_BL = seq_ids_BL.to(device)
+    position_ids_3BL = position_ids_3BL.to(device)
+    canvas_start_B = canvas_start_B.to(device)
+    canvas_idx_N = torch.arange(canvas_len, device=device)
+    commit_step_BN = torch.zeros((num_rows, canvas_len), dtype=torch.long, device=device)
+    # First committed <|im_end|> per row; canvas_len = none yet. Positions after it are never filled.
+    eos_at_B = torch.full((num_rows,), canvas_len, dtype=torch.long, device=device)
+    rows_B = torch.arange(num_rows, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    steps_run_B = torch.zeros(num_rows, dtype=torch.long, device=device)
+
+    step = 0
+    for block, block_steps in enumerate(_block_step_counts(config)):
+        lo, hi = block * config.block_size, min(canvas_len, (block + 1) * config.block_size)
+        in_block_N = (canvas_idx_N >= lo) & (canvas_idx_N < hi)
+        for block_step in range(block_steps):
+            canvas_ids_BN = input_ids_BL[rows_B[:, None], canvas_start_B[:, None] + canvas_idx_N]
+            limit_BN = canvas_idx_N[None, :] < (eos_at_B[:, None] if config.stop_at_eos else canvas_len)
+            eligible_BN = (canvas_ids_BN == tokens.mask) & limit_BN & in_block_N[None, :]
+            num_eligible_B = eligible_BN.sum(dim=1)
+            if not bool(num_eligible_B.any()):
+                break  # every row finished this block early (or stopped at <|im_end|>)
+            step += 1
+            active_B = (eligible_BN & limit_BN).any(dim=1)
+            steps_run_B += active_B.long()
+
+            hidden_BLH = language(input_ids_BL, position_ids_3BL, seq_ids_BL, vision)
+            # Only the current block's positions need logits: the LM head is 151,936 wide.
+            block_pos_BK = canvas_start_B[:, None] + torch.arange(lo, hi, device=device)[None, :]
+            in_block_BL = torch.zeros_like(seq_ids_BL, dtype=torch.bool)
+            in_block_BL[rows_B[:, None], block_pos_BK] = True
+            logits_BKV = logits_at_positions(
+                hidden_BLH,
+                in_block_BL,
+                lm_head,
+                mask_token_id=tokens.mask,
+                shift=shift,
+                seq_ids_BL=seq_ids_BL,
+            ).view(num_rows, hi - lo, -1)
+
+            predicted_BK, confidence_BK = _predict(logits_BKV, config, generator)
+            if config.remasking == "random":
+                confidence_BK = torch.rand(confidence_BK.shape, generator=generator).to(device)
+            eligible_BK = eligible_BN[:, lo:hi]
+            confidence_BK = confidence_BK.masked_fill(~eligible_BK, -math.inf)
+
+            # Commit ceil(remaining / steps left) per row so the block is full after its last step.
+            steps_left = block_steps - block_step
+            num_commit_B = (num_eligible_B + steps_left - 1) // steps_left
+            order_BK = confidence_BK.argsort(dim=1, descending=True, stable=True)
+            rank_BK = order_BK.argsort(dim=1)
+            commit_BK = (rank_BK < num_commit_B[:, None]) & eligible_BK
+
+            new_ids_BK = torch.where(commit_BK, predicted_BK, canvas_ids_BN[:, lo:hi])
+            input_ids_BL[rows_B[:, None], block_pos_BK] = new_ids_BK
+            commit_step_BN[:, lo:hi] = torch.where(commit_BK, step, commit_step_BN[:, lo:hi])
+
+            if config.stop_at_eos:
+                is_eos_BK = commit_BK & (predicted_BK == tokens.eos)
+                first_eos_B = torch.where(
+                    is_eos_BK, torch.arange(lo, hi, device=device)[None, :], canvas_len
+                ).amin(dim=1)
+                eos_at_B = torch.minimum(eos_at_B, first_eos_B)
+
+    canvas_BN = input_ids_BL[rows_B[:, None], canvas_start_B[:, None] + canvas_idx_N].cpu()
+    commit_step_BN = commit_step_BN.cpu()
+    results = []
+    for row in range(num_rows):
+        canvas = canvas_BN[row].tolist()
+        steps_row = commit_step_BN[row].tolist()
+        # Without stop_at_eos the whole canvas is filled; the answer still ends at the first <|im_end|>.
+        end = canvas.index(tokens.eos) if tokens.eos in canvas else canvas_len
+        if config.stop_at_eos:
+            end = min(end, int(eos_at_B[row]))
+        finished = end < canvas_len
+        results.append(
+            Generation(
+                token_ids=canvas[:end],
+                commit_steps=steps_row[:end],
+                finished=finished,
+                num_steps=int(steps_run_B[row]),
+                eos_step=steps_row[end] if finished else None,
+                canvas=canvas,
+                canvas_steps=steps_row,
+            )
+        )
+    return results
+
+
+def _predict(
+    logits_BKV: torch.Tensor, config: GenerationConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted token and its probability at each position (greedy or temperature sampling)."""
+    if config.temperature <= 0:
+        probs_BKV = torch.softmax(logits_BKV, dim=-1)
+        confidence_BK, predicted_BK = probs_BKV.max(dim=-1)
+        return predicted_BK, confidence_BK
+    scaled_BKV = logits_BKV.double() / config.temperature
+    # Gumbel-max sampling in float64 (LLaDA: low precision Gumbel noise biases low-probability tokens).
+    uniform_BKV = torch.rand(scaled_BKV.shape, generator=generator, dtype=torch.float64).to(scaled_BKV.device)
+    gumbel_BKV = -torch.log((-torch.log(uniform_BKV.clamp_min(1e-20))).clamp_min(1e-20))
+    predicted_BK = (scaled_BKV + gumbel_BKV).argmax(dim=-1)
+    probs_BKV = torch.softmax(scaled_BKV, dim=-1)
+    confidence_BK = probs_BKV.gather(-1, predicted_BK[..., None]).squeeze(-1).float()
+    return predicted_BK, confidence_BK
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts, model loading and the `generate` command
+
+
+def build_prompt(processor: Any, question: str, images: Sequence[Any] = ()) -> Prompt:
+    """A chat-formatted user turn (images first, then the question) + the assistant header.
+
+    `processor` is a Qwen3-VL processor (`trainer.assets.load_processor`); images are PIL images,
+    resized to the Qwen grid by its image processor.
+    """
+    content: list[dict[str, str]] = [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    encoded = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    grid = encoded.get("image_grid_thw")
+    return Prompt(
+        input_ids=encoded["input_ids"][0].tolist(),
+        pixel_values=encoded.get("pixel_values"),
+        image_grid_thw=grid.long() if grid is not None else None,
+    )
+
+
+def default_device() -> torch.device:
+    """cuda when available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    model: str,
+    *,
+    adapter: str | None = None,
+    checkpoint: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    device: torch.device | str | None = None,
+) -> Any:
+    """An `MDLMModel` for inference, in eval mode on `device`.
+
+    `model`: a Qwen3-VL folder or hub id (the base). `adapter`: an exported PEFT adapter folder
+    (LoRA + the trained `<|mask|>` row), merged into the base weights. `checkpoint`: a trainer
+    checkpoint directory (`OUTPUT_DIR/checkpoints/step-N`): its `trainable.safetensors` weights
+    are loaded into the language model (LoRA is rebuilt from the run's resolved config).
+    `dtype` "auto" = bfloat16 on GPU, float32 on CPU.
+    """
+    from trainer.model import assemble_mdlm_model, build_mdlm_model
+
+    device = torch.device(device) if device is not None else default_device()
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"--dtype {dtype!r} is not a torch dtype: use auto, bfloat16, float16 or float32")
+    if adapter is not None and checkpoint is not None:
+        raise ValueError("give --adapter or --checkpoint, not both")
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"--adapter {adapter!r} has no adapter_config.json: pass an exported adapter folder"
+            )
+        from peft import PeftModel
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        base = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
+        # Merging gives plain weights: one forward per step with no adapter indirection.
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        mdlm = assemble_mdlm_model(merged, tokenizer, attn_implementation=attn_implementation, use_lora=False)
+    elif checkpoint is not None:
+        mdlm = _load_from_checkpoint(model, checkpoint, torch_dtype, attn_implementation)
+    else:
+        mdlm = build_mdlm_model(
+            model, dtype=torch_dtype, attn_implementation=attn_implementation, use_lora=False
+        )
+    mdlm.peft_model.to(device)
+    mdlm.peft_model.eval()
+    mdlm.peft_model.requires_grad_(False)
+    return mdlm
+
+
+def _load_from_checkpoint(model: str, checkpoint: str, dtype: torch.dtype, attn_implementation: str) -> Any:
+    """Rebuild the model as the run built it (LoRA settings from its resolved config) and load the
+    checkpoint's trainable weights."""
+    from trainer.checkpoint import load_trainable_state
+    from trainer.model import build_mdlm_model
+
+    config = _run_config_for(Path(checkpoint))
+    lora = config.get("lora", {}) if config else {}
+    use_lora = bool(lora.get("enabled", True))
+    mdlm = build_mdlm_model(
+        model,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        use_lora=use_lora,
+        lora_r=int(lora.get("r", 16)),
+        lora_alpha=int(lora.get("alpha", 32)),
+        lora_dropout=float(lora.get("dropout", 0.05)),
+        target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+    )
+    state = load_trainable_state(checkpoint)
+    target = mdlm.language
+    own = dict(target.named_parameters())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(
+            f"checkpoint {checkpoint!r} holds weights this model lacks ({unknown[0]}, ...): "
+            "pass the --model the run trained"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return mdlm
+
+
+def _run_config_for(checkpoint: Path) -> dict[str, Any] | None:
+    """The resolved YAML config of the run that wrote `checkpoint` (OUTPUT_DIR/config.yaml), if any."""
+    import yaml
+
+    for candidate in (checkpoint.parent.parent / "config.yaml", checkpoint / "config.yaml"):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text(encoding="utf-8"))
+    return None
+
+
+def decode_generations(tokenizer: Any, generations: Sequence[Generation]) -> None:
+    """Fill `Generation.text` (special tokens dropped)."""
+    for generation in generations:
+        generation.text = tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer generate",
+        description="Answer questions about images with MDLM sampling (semi-autoregressive blocks, "
+        "low-confidence or random remasking).",
+    )
+    parser.add_argument("--model", required=True, help="Qwen3-VL folder or hub id (the base model)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--adapter", help="exported PEFT adapter folder (python -m trainer export)")
+    source.add_argument("--checkpoint", help="trainer checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
+    parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    parser.add_argument("--prompt", action="append", default=[], help="question (repeat: one batch)")
+    parser.add_argument(
+        "--prompts-file", help='JSON lines {"prompt": str, "images": [path, ...]}: one request per line'
+    )
+    defaults = GenerationConfig()
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="answer canvas length"
+    )
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps in total")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="semi-AR block length")
+    parser.add_argument(
+        "--remasking", choices=["low_confidence", "random"], default=defaults.remasking, help="what to commit"
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--no-stop-at-eos", action="store_true", help="fill the whole canvas")
+    parser.add_argument("--shift", action="store_true", help="the model was trained with diffusion.shift")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flex | flash")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument("--json", action="store_true", help="print JSON with tokens and commit steps")
+    return parser
+
+
+def _requests(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    requests = [(prompt, list(args.image)) for prompt in args.prompt]
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {str(path)!r} does not exist")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                requests.append((str(item["prompt"]), [str(p) for p in item.get("images", [])]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f'--prompts-file {str(path)!r} line {number}: expected {{"prompt": ..., "images": [...]}} ({err})'
+                ) from err
+    if not requests:
+        raise ValueError("nothing to answer: pass --prompt TEXT (with --image FILE) or --prompts-file")
+    return requests
+
+
+def _open_image(path: str) -> Any:
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise ValueError(f"--image {path!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"--image {path!r} is not a readable image ({err})") from err
+
+
+def main(argv: list[str]) -> int:
+    """`python -m trainer generate`: print the answers (or JSON with `--json`)."""
+    args = _parser().parse_args(argv)
+    try:
+        config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            steps=args.steps,
+            block_size=args.block_size,
+            remasking=args.remasking,
+            temperature=args.temperature,
+            seed=args.seed,
+            stop_at_eos=not args.no_stop_at_eos,
+        )
+        config.validate()
+        requests = _requests(args)
+        images = {path: _open_image(path) for _, paths in requests for path in paths}
+        from trainer.assets import load_processor
+
+        model = load_model(
+            args.model,
+            adapter=args.adapter,
+            checkpoint=args.checkpoint,
+            dtype=args.dtype,
+            attn_implementation=args.attn_implementation,
+            device=args.device,
+        )
+        processor = load_processor(args.model)
+        prompts = [build_prompt(processor, text, [images[p] for p in paths]) for text, paths in requests]
+        tokens = SpecialTokens.from_tokenizer(model.tokenizer, model.config)
+        generations = generate(model, prompts, config, tokens, shift=args.shift)
+    except (ValueError, OSError) as err:
+        # OSError: transformers' "not a model folder / not found on the hub".
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    decode_generations(model.tokenizer, generations)
+    if not args.json:
+        for generation in generations:
+            print(generation.text)
+        return 0
+    report = {
+        "config": asdict(config),
+        "generations": [
+            {
+                "prompt": text,
+                "images": paths,
+                "text": generation.text,
+                "finished": generation.finished,
+                "num_steps": generation.num_steps,
+                "eos_step": generation.eos_step,
+                "tokens": [
+                    {"id": token_id, "token": model.tokenizer.convert_ids_to_tokens(token_id), "step": step}
+                    for token_id, step in zip(generation.token_ids, generation.commit_steps, strict=True)
+                ],
+            }
+            for (text, paths), generation in zip(requests, generations, strict=True)
+        ],
+    }
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0
