@@ -74,7 +74,7 @@ class DiffusionConfig:
     """Loss normaliser: answer_tokens (global count across micro-batches and ranks) or masked_tokens."""
     mask_prompt_loss: bool = True
     """Only answer tokens are masked and scored; prompt/image/template tokens never are (MDLM SFT)."""
-    ce_chunk_size: int = 4096
+    ce_chunk_size: int = 1024
     """Masked positions per LM-head chunk when computing the cross-entropy."""
 
 
