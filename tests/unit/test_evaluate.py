@@ -1,0 +1,141 @@
+"""Held-out NELBO on a fixed t grid with fixed masks, and masked-token accuracy (tiny real model)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer.assets import load_processor
+from trainer.data import LoadedSample, PackedBatch, collate_rows
+from trainer.diffusion import masked_diffusion_loss
+from trainer.evaluate import fixed_uniforms, nelbo_eval
+from trainer.positions import mrope_position_ids
+from trainer.sampling import build_prompt, load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_model_dir: Path, model: Any) -> list[LoadedSample]:
+    """Four chat samples (two with an image) whose answers are real tokenised text."""
+    processor = load_processor(tiny_model_dir)
+    tokenizer = processor.tokenizer
+    config = model.config
+    items = [
+        ("What colour is it?", "red", Image.new("RGB", (64, 64), (220, 20, 20))),
+        ("Name a shape.", "a triangle with three sides", None),
+        ("What is shown?", "blue square", Image.new("RGB", (96, 64), (20, 20, 220))),
+        ("Count to three.", "one two three", None),
+    ]
+    out = []
+    for number, (question, answer, image) in enumerate(items):
+        prompt = build_prompt(processor, question, [image] if image is not None else [])
+        answer_ids = [*tokenizer.encode(answer), tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        tail = tokenizer.encode("\n")
+        input_ids = torch.tensor(prompt.input_ids + answer_ids + tail)
+        answer_mask = torch.zeros(len(input_ids), dtype=torch.bool)
+        answer_mask[len(prompt.input_ids) : len(prompt.input_ids) + len(answer_ids)] = True
+        position_ids = mrope_position_ids(
+            input_ids,
+            prompt.image_grid_thw,
+            spatial_merge_size=config.vision_config.spatial_merge_size,
+            image_token_id=config.image_token_id,
+            vision_start_token_id=config.vision_start_token_id,
+        )
+        out.append(
+            LoadedSample(
+                f"s{number}", input_ids, answer_mask, position_ids, prompt.pixel_values, prompt.image_grid_thw
+            )
+        )
+    return out
+
+
+def _batches(samples: list[LoadedSample], layout: list[list[list[int]]], pad: int) -> list[PackedBatch]:
+    return [collate_rows([[samples[i] for i in row] for row in batch], pad) for batch in layout]
+
+
+def test_fixed_masks_are_keyed_by_sample_and_nested(samples: list[LoadedSample], model: Any) -> None:
+    pad = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    (one,) = _batches(samples, [[[0, 1], [2, 3]]], pad)
+    (other,) = _batches(samples, [[[3], [1, 2, 0]]], pad)
+    u_one = fixed_uniforms(one.answer_mask, one.seq_ids, one.keys, seed=0)
+    u_other = fixed_uniforms(other.answer_mask, other.seq_ids, other.keys, seed=0)
+    # Sample s0's answer tokens draw the same uniforms wherever it is packed.
+    where_one = one.answer_mask[0] & (one.seq_ids[0] == 0)
+    where_other = other.answer_mask[1] & (other.seq_ids[1] == 2)
+    assert torch.equal(u_one[0][where_one], u_other[1][where_other])
+    assert (u_one[~one.answer_mask] == 2.0).all()  # never masked outside answers
+    assert not torch.equal(u_one, fixed_uniforms(one.answer_mask, one.seq_ids, one.keys, seed=1))
+    answer = one.answer_mask
+    assert ((u_one < 0.15) <= (u_one < 0.5)).all() and torch.equal(u_one < 1.0, answer)
+
+
+def test_nelbo_is_fixed_across_packings_and_calls(samples: list[LoadedSample], model: Any) -> None:
+    pad = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    mask = model.mask_token_id
+    packed = nelbo_eval(model, _batches(samples, [[[0, 1], [2, 3]]], pad), mask_token_id=mask)
+    again = nelbo_eval(model, _batches(samples, [[[0, 1], [2, 3]]], pad), mask_token_id=mask)
+    unpacked = nelbo_eval(model, _batches(samples, [[[3]], [[1], [2]], [[0]]], pad), mask_token_id=mask)
+    assert packed == again
+    assert packed["num_samples"] == 4 and packed["num_answer_tokens"] == sum(
+        int(s.answer_mask.sum()) for s in samples
+    )
+    for key, value in packed.items():
+        assert value == pytest.approx(unpacked[key], rel=1e-4, abs=1e-6), key
+    # A random model over a 151k vocabulary: CE near log(V), accuracy near 0.
+    assert 0.5 * math.log(151_936) < packed["ce@0.5"] < 2 * math.log(151_936)
+    assert packed["masked_accuracy@1"] < 0.2
+    assert set(packed) >= {
+        "nelbo",
+        "masked_accuracy@0.15",
+        "masked_accuracy@0.5",
+        "masked_accuracy@1",
+        "ce@0.1",
+    }
+    reseeded = nelbo_eval(model, _batches(samples, [[[0, 1], [2, 3]]], pad), mask_token_id=mask, seed=7)
+    assert reseeded["nelbo"] != packed["nelbo"]
+
+
+def test_nelbo_matches_the_training_loss_with_the_same_masks(samples: list[LoadedSample], model: Any) -> None:
+    """At one grid point t the NELBO is the training objective (answer-token normalised) with the
+    fixed masks: the same number the model's own loss gives."""
+    pad = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    (batch,) = _batches(samples, [[[0, 1], [2, 3]]], pad)
+    result = nelbo_eval(model, [batch], mask_token_id=model.mask_token_id, t_grid=(0.5,), accuracy_t=(1.0,))
+    u_BL = fixed_uniforms(batch.answer_mask, batch.seq_ids, batch.keys, seed=0)
+    masked_BL = batch.answer_mask & (u_BL < 0.5)
+    noisy_BL = torch.where(masked_BL, model.mask_token_id, batch.input_ids)
+    with torch.no_grad():
+        vision = model.vision_features(batch.pixel_values, batch.image_grid_thw)
+        hidden = model.language(noisy_BL, batch.position_ids, batch.seq_ids, vision)
+        loss = masked_diffusion_loss(
+            hidden,
+            model.language.lm_head,
+            batch.input_ids,
+            masked_BL,
+            masked_BL.float() * 2.0,  # loss_weight 1/t
+            mask_token_id=model.mask_token_id,
+            answer_mask_BL=batch.answer_mask,
+        )
+    assert result["nelbo"] == pytest.approx(float(loss.loss), rel=1e-5)
+
+
+def test_nelbo_eval_restores_train_mode_and_rejects_bad_t(samples: list[LoadedSample], model: Any) -> None:
+    pad = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    batches = _batches(samples, [[[0]]], pad)
+    model.language.train()
+    try:
+        nelbo_eval(model, batches, mask_token_id=model.mask_token_id, t_grid=(0.5,), accuracy_t=())
+        assert model.language.training
+    finally:
+        model.language.eval()
+    with pytest.raises(ValueError, match="every t must lie"):
+        nelbo_eval(model, batches, mask_token_id=model.mask_token_id, t_grid=(0.0,))
