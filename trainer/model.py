@@ -472,7 +472,10 @@ def assemble_mdlm_model(
     if train_vision:
         vision_modules = ["model.visual"]
     elif train_merger:
-        vision_modules = ["model.visual.merger", "model.visual.deepstack_merger_list"]
+        # One entry per deepstack merger: PEFT cannot save a ModuleList as a whole.
+        num_deepstack = len(model.model.visual.deepstack_merger_list)
+        vision_modules = ["model.visual.merger"]
+        vision_modules += [f"model.visual.deepstack_merger_list.{i}" for i in range(num_deepstack)]
 
     if gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and with ZeRO-3.
