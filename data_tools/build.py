@@ -391,6 +391,8 @@ def _write_rejects(directory: Path, rejects: list[dict[str, Any]]) -> None:
 def build_info_for(source: Source, settings: BuildSettings, input_split: str, name: str) -> dict[str, Any]:
     """The `index.json` "build" block: settings plus where the rows came from."""
     info = asdict(settings)
+    # Not a property of the output: a re-run with another threshold may resume or reuse the set.
+    info.pop("max_reject_fraction")
     info.update(
         source=source.spec,
         container=source.container,

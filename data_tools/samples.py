@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 IMAGE_PAD = "<|image_pad|>"
@@ -61,8 +62,11 @@ def tokenizer_info(tokenizer: Any, name_or_path: str) -> dict[str, Any]:
     }
 
 
+@lru_cache(maxsize=4)
 def load_tokenizer(name_or_path: str) -> Any:
-    """`AutoTokenizer.from_pretrained(name_or_path)` with a clear error when it has no chat template."""
+    """`AutoTokenizer.from_pretrained(name_or_path)` with a clear error when it has no chat template.
+
+    Cached per process (builds only read the tokenizer)."""
     from transformers import AutoTokenizer
 
     try:

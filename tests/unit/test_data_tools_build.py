@@ -1,0 +1,376 @@
+"""Every source format through `build`, every rejection reason, resume, reproducibility, readers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_tools import shards, sources
+from data_tools.__main__ import main as cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _png(colour: str = "red", size: tuple[int, int] = (80, 60)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _build(source: str, out: Path, model: Path, *extra: str) -> int:
+    argv = ["build", "--source", source, "--output", str(out), "--model", str(model), "--no-progress"]
+    return cli([*argv, "--min-pixels", "4096", "--max-pixels", "16384", *extra])
+
+
+def _samples(directory: Path) -> list[dict[str, Any]]:
+    index = shards.read_index(directory)
+    out = []
+    for shard in index["shards"]:
+        for e in shard["samples"]:
+            out.append(shards.read_sample(directory / shard["name"], e["offset"], e["num_bytes"]))
+    return out
+
+
+def _rejects(directory: Path) -> list[str]:
+    lines = (directory / shards.REJECTS_NAME).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["reason"] for line in lines]
+
+
+def _answers(sample: dict[str, Any], tokenizer: Any) -> str:
+    j = sample["json"]
+    return tokenizer.decode([t for t, m in zip(j["input_ids"], j["answer_mask"], strict=True) if m])
+
+
+def test_messages_jsonl_and_json(tmp_path: Path, tiny_model_dir: Path, data_tools_tokenizer: Any) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_png("red"))
+    (tmp_path / "img" / "b.png").write_bytes(_png("blue", (64, 64)))
+    rows = [
+        {  # OpenAI parts with the image path inline
+            "id": "r0",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "img/a.png"}},
+                        {"type": "text", "text": "colour?"},
+                    ],
+                },
+                {"role": "assistant", "content": "red"},
+            ],
+        },
+        {  # string content with an <image> marker and an images list
+            "id": "r1",
+            "messages": [
+                {"role": "user", "content": "<image>\nwhat?"},
+                {"role": "assistant", "content": "blue"},
+            ],
+            "images": ["img/b.png"],
+        },
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ["d.jsonl", "d.json"]:
+        out = tmp_path / f"out-{name}"
+        assert _build(str(tmp_path / name), out, tiny_model_dir) == 0
+        assert shards.verify(out) == []
+        got = _samples(out)
+        assert [s["json"]["source_id"] for s in got] == ["r0", "r1"]
+        assert [_answers(s, data_tools_tokenizer) for s in got] == ["red<|im_end|>", "blue<|im_end|>"]
+        assert got[1]["json"]["messages"][0]["content"] == [
+            {"type": "image"},
+            {"type": "text", "text": "what?"},
+        ]
+        assert got[0]["images"][0].size == (64, 64)  # 80x60: round(2.5) = 2 patches each way, as in HF
+    assert sources.open_source(str(tmp_path / "d.jsonl")).row_format == "messages"
+
+
+def test_llava_json_with_image_folder(
+    tmp_path: Path, tiny_model_dir: Path, data_tools_tokenizer: Any
+) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.png").write_bytes(_png("green"))
+    rows = [
+        {
+            "id": "l0",
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "green"},
+                {"from": "human", "value": "Sure?"},
+                {"from": "gpt", "value": "yes"},
+            ],
+        },
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    src = str(tmp_path / "llava.json")
+    assert (
+        _build(src, out, tiny_model_dir, "--image-root", str(tmp_path / "images"), "--train-on", "all") == 0
+    )
+    assert sources.open_source(src).row_format == "llava"
+    (sample,) = _samples(out)
+    assert _answers(sample, data_tools_tokenizer) == "green<|im_end|>yes<|im_end|>"
+    assert [m["role"] for m in sample["json"]["messages"]] == ["user", "assistant", "user", "assistant"]
+
+
+def _kodoc_dataset(images: list[bytes]) -> Any:
+    import datasets
+
+    def msg(role: str, parts: list[dict[str, Any]]) -> dict[str, str]:
+        return {"role": role, "content": json.dumps(parts, ensure_ascii=False)}
+
+    rows = []
+    for i, image in enumerate(images):
+        rows.append(
+            {
+                "id": f"doc-{i}",
+                "image": {"bytes": image, "path": None},
+                "conversations": [
+                    msg("user", [{"type": "image"}, {"type": "text", "text": "이 표의 제목은 무엇입니까?"}]),
+                    msg("assistant", [{"type": "text", "text": f"분기별 매출 {i}"}]),
+                    msg("user", [{"type": "text", "text": "합계는 얼마입니까?"}]),
+                    msg("assistant", [{"type": "text", "text": f"{i + 1},000원"}]),
+                ],
+                "metadata": json.dumps({"category": "table", "page": i}),
+            }
+        )
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "conversations": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "metadata": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def test_kodoc_save_to_disk_and_parquet(
+    tmp_path: Path, tiny_model_dir: Path, data_tools_tokenizer: Any
+) -> None:
+    import datasets
+
+    corrupt = _png("white")[:60]
+    ds = _kodoc_dataset([_png("red"), corrupt, _png("blue", (100, 50)), _png("green")])
+    datasets.DatasetDict({"train": ds, "validation": ds.select([0])}).save_to_disk(str(tmp_path / "disk"))
+    ds.to_parquet(str(tmp_path / "ko.parquet"))
+    for name, extra in [("disk", ["--split", "train"]), ("ko.parquet", ["--format", "kodoc"])]:
+        out = tmp_path / f"out-{name}"
+        assert _build(str(tmp_path / name), out, tiny_model_dir, "--train-on", "all", *extra) == 0
+        assert shards.verify(out) == []
+        got = _samples(out)
+        assert [s["json"]["source_id"] for s in got] == ["doc-0", "doc-2", "doc-3"]
+        assert _rejects(out) == ["corrupt_image"]
+        assert _answers(got[1], data_tools_tokenizer) == "분기별 매출 2<|im_end|>3,000원<|im_end|>"
+        assert got[1]["json"]["messages"][2]["content"][0]["text"] == "합계는 얼마입니까?"
+    assert sources.open_source(str(tmp_path / "disk"), splits=["train"]).row_format == "kodoc"
+    # Two splits -> DIR/<split>/, each a complete shard set.
+    out = tmp_path / "both"
+    assert _build(str(tmp_path / "disk"), out, tiny_model_dir, "--split", "train,validation") == 0
+    assert shards.read_index(out / "validation")["num_samples"] == 1
+    assert cli(["verify", str(out)]) == 0
+
+
+def test_hf_messages_with_image_column(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import datasets
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"q{i}"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"a{i}"}]},
+            ],
+            "images": [{"bytes": _png(), "path": None}],
+        }
+        for i in range(20)
+    ]
+    features = datasets.Features(
+        {
+            "messages": [
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+            "images": datasets.Sequence(datasets.Image()),
+        }
+    )
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "out"
+    assert _build(str(tmp_path / "ds"), out, tiny_model_dir, "--test-fraction", "0.3", "--seed", "1") == 0
+    train, test = shards.read_index(out / "train"), shards.read_index(out / "test")
+    assert train["num_samples"] + test["num_samples"] == 20 and test["num_samples"] > 0
+    keys = {s["key"] for ix in (train, test) for sh in ix["shards"] for s in sh["samples"]}
+    assert len(keys) == 20
+
+
+def test_every_rejection_reason(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(_png())
+    (tmp_path / "bad.png").write_bytes(_png()[:70])
+    (tmp_path / "big.png").write_bytes(_png(size=(400, 300)))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PPM")
+    (tmp_path / "x.ppm").write_bytes(buf.getvalue())
+
+    def row(images: list[str], user: str = "<image>q", answer: str | None = "a") -> dict[str, Any]:
+        msgs = [{"role": "user", "content": user}]
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": answer})
+        return {"messages": msgs, "images": images}
+
+    lines = [
+        json.dumps(row(["ok.png"])),
+        json.dumps(row(["missing.png"])),  # missing_image
+        json.dumps(row(["bad.png"])),  # corrupt_image
+        json.dumps(row(["big.png"])),  # image_too_large (--max-image-pixels 100000)
+        json.dumps(row(["x.ppm"])),  # image_format
+        json.dumps({"messages": []}),  # empty_conversation
+        json.dumps(row(["ok.png"], answer=None)),  # no_assistant_turn
+        json.dumps(row(["ok.png"], user="<image><image>q")),  # image_count_mismatch (more markers)
+        json.dumps(row(["ok.png", "ok.png"])),  # image_count_mismatch (more images)
+        json.dumps(row(["ok.png"], answer="word " * 300)),  # too_many_tokens (--max-tokens 200)
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),  # bad_record
+        json.dumps(row(["ok.png"], answer="   ")),  # empty_answer
+    ]
+    data = ("\n".join(lines) + "\n").encode() + b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n'
+    (tmp_path / "d.jsonl").write_bytes(data)  # the last line is not UTF-8: non_utf8
+    out = tmp_path / "out"
+    common = ["--max-image-pixels", "100000", "--max-tokens", "200"]
+    # Too many rejects: the build fails and says why.
+    with pytest.raises(SystemExit, match="max-reject-fraction"):
+        _build(str(tmp_path / "d.jsonl"), out, tiny_model_dir, *common)
+    assert not (out / "index.json").exists() and shards.verify(out) != []
+    assert _build(str(tmp_path / "d.jsonl"), out, tiny_model_dir, *common, "--max-reject-fraction", "1") == 0
+    assert _rejects(out) == [
+        "missing_image",
+        "corrupt_image",
+        "image_too_large",
+        "image_format",
+        "empty_conversation",
+        "no_assistant_turn",
+        "image_count_mismatch",
+        "image_count_mismatch",
+        "too_many_tokens",
+        "bad_record",
+        "empty_answer",
+        "non_utf8",
+    ]
+    index = shards.read_index(out)
+    assert (
+        index["num_samples"] == 1
+        and index["num_rejected"] == 12
+        and index["rejects"]["image_count_mismatch"] == 2
+    )
+
+
+def test_unreadable_input_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "x.json").write_bytes(b"\xff not json")
+    with pytest.raises(SystemExit, match="cannot read it as UTF-8 JSON"):
+        _build(str(tmp_path / "x.json"), tmp_path / "o", tiny_model_dir)
+    (tmp_path / "y.json").write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(SystemExit, match="pass --format"):
+        _build(str(tmp_path / "y.json"), tmp_path / "o", tiny_model_dir)
+
+
+def _synth(out: Path, model: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "data_tools",
+        "synth",
+        "--output",
+        str(out),
+        "--model",
+        str(model),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_reproducible_across_workers_and_readable(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from data_tools.synth import synthesize
+
+    synthesize(
+        tmp_path / "a",
+        str(tiny_model_dir),
+        120,
+        20,
+        tasks=["colour_en", "label_ko"],
+        workers=1,
+        progress=False,
+        argv_extra=["--samples-per-shard", "50"],
+    )
+    synthesize(
+        tmp_path / "b",
+        str(tiny_model_dir),
+        120,
+        20,
+        tasks=["colour_en", "label_ko"],
+        workers=2,
+        progress=False,
+        argv_extra=["--samples-per-shard", "50"],
+    )
+    for split in ["train", "test"]:
+        names = sorted(p.name for p in (tmp_path / "a" / split).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "b" / split).iterdir())
+        for name in names:
+            assert (tmp_path / "a" / split / name).read_bytes() == (
+                tmp_path / "b" / split / name
+            ).read_bytes(), name
+    train = tmp_path / "a" / "train"
+    assert len(shards.read_index(train)["shards"]) == 3
+    with tarfile.open(train / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert names[:2] == ["train-000000000.json", "train-000000000.0.png"]
+    rows = list(
+        wds.WebDataset(sorted(str(p) for p in train.glob("shard-*.tar")), shardshuffle=False).decode("pil")
+    )
+    assert len(rows) == 120 and rows[5]["json"]["key"] == rows[5]["__key__"]
+    assert rows[5]["0.png"].size == (64, 64) or rows[5]["0.png"].size == (128, 64)
+
+
+def test_killed_build_resumes_to_identical_output(tmp_path: Path, tiny_model_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["--num", "800", "--num-test", "10", "--samples-per-shard", "40"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_synth(out, tiny_model_dir, *args), env=env, cwd=ROOT)
+    marker = out / "train" / ".build" / "shard-000002.json"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "train" / "index.json").exists(), "the build was not killed midway"
+    problems = shards.verify(out / "train")
+    assert problems and "not a complete shard set" in problems[0]
+    # Leftovers like a half-written temp shard must not survive the resume.
+    (out / "train" / ".shard-000099.tar.tmp-1").write_bytes(b"partial")
+    resume = ["synth", "--model", str(tiny_model_dir), "--no-progress", *args]
+    assert cli([*resume, "--output", str(out)]) == 0  # in-process from here on: no interpreter start-up
+    assert shards.verify(out / "train") == [] and shards.verify(out / "test") == []
+    clean = tmp_path / "clean"
+    assert cli([*resume, "--output", str(clean)]) == 0
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
+        p.name for p in (clean / "train").iterdir()
+    )
+    for p in sorted((clean / "train").iterdir()):
+        assert (out / "train" / p.name).read_bytes() == p.read_bytes(), p.name
+    # A third run finds the set complete and leaves it alone; other settings are refused.
+    before = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
+    assert cli([*resume, "--output", str(out)]) == 0
+    assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == before
+    with pytest.raises(SystemExit, match="other settings"):
+        cli([*resume, "--output", str(out), "--seed", "5"])
