@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from data_tools.shards import read_index, read_sample
 from trainer.assets import load_processor
+from trainer.attention import varlen_boundaries
 from trainer.data import EvalLoader, PackedBatch, TrainLoader
 from trainer.positions import mrope_position_ids
 
@@ -148,6 +149,9 @@ def _check_collation(batch: PackedBatch, shard_dir: Path, processor: Any) -> Non
     assert batch.cu_seqlens.dtype == torch.int32
     assert batch.cu_seqlens.tolist() == [sum(segments[:i]) for i in range(len(segments) + 1)]
     assert batch.max_seqlen == max(segments)
+    # The attention module derives the same boundaries from seq_ids alone.
+    cu_seqlens, max_seqlen = varlen_boundaries(batch.seq_ids)
+    assert torch.equal(cu_seqlens, batch.cu_seqlens) and max_seqlen == batch.max_seqlen
     assert batch.num_answer_tokens == int(batch.answer_mask.sum())
     if grids:
         assert batch.image_grid_thw is not None and batch.pixel_values is not None
