@@ -48,6 +48,7 @@ from trainer.config import (
     global_batch_size,
     load_config,
     resolve_precision,
+    to_dict,
     write_run_files,
     zero_stage,
 )
@@ -587,6 +588,8 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
             "lora": config.lora.enabled,
             "model": config.model.name_or_path,
             "mask_token_id": model.mask_token_id,
+            # The whole resolved config, so export needs nothing but the checkpoint directory.
+            "config": to_dict(config),
         }
         return ckpt.save(engine, output_dir, step, state, config.checkpoint.keep_last, zero3, info.is_main)
 
