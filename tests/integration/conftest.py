@@ -1,0 +1,90 @@
+"""Integration fixtures: tiny shard sets with image and text-only samples, and a launcher helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _text_rows(num: int, split: str) -> list[dict[str, Any]]:
+    """Text-only conversations (no image): ranks then get text-only and image rows in the same step."""
+    words = ["alpha", "beta", "gamma", "delta"]
+    rows = []
+    for i in range(num):
+        word = words[i % len(words)]
+        rows.append(
+            {
+                "id": f"text-{split}-{i:05d}",
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": f"Repeat the word {word}."}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": word}]},
+                ],
+                "images": [],
+            }
+        )
+    return rows
+
+
+def build_mixed_shards(out: Path, model_dir: Path, num_image: int, num_text: int, num_test: int) -> Path:
+    """`out/train` and `out/test` shard sets built by data_tools (synthetic shapes + text-only rows)."""
+    from data_tools.build import run_build, settings_from_args
+    from data_tools.sources import Source
+    from data_tools.synth import _parser, make_rows
+
+    args = _parser().parse_args(
+        ["--output", str(out), "--model", str(model_dir), "--num", "1", "--no-progress"]
+    )
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for split, n_img, n_txt in (("train", num_image, num_text), ("test", num_test, num_test // 2)):
+        images = make_rows(n_img, ["colour_en", "shape_en"], 0, split)
+        texts = _text_rows(n_txt, split)
+        # Interleave so that packs (and so ranks) mix both kinds.
+        rows: list[dict[str, Any]] = []
+        for i in range(max(len(images), len(texts))):
+            rows += images[i : i + 1] + texts[i : i + 1]
+        splits[split] = rows
+    source = Source(spec="test", container="synth", row_format="records", splits=splits, base_dir=None)
+    run_build(source, out, str(model_dir), settings_from_args(args), 1, progress=False, force_split_dirs=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mixed_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shard directory with `train/` (48 image + 24 text-only samples) and `test/` (12 + 6)."""
+    return build_mixed_shards(tmp_path_factory.mktemp("mixed-shards"), tiny_model_dir, 48, 24, 12)
+
+
+def child_env() -> dict[str, str]:
+    """Environment of launched ranks: one thread each, offline, repo importable."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture
+def launch_env() -> dict[str, str]:
+    """The environment for launched ranks (see child_env)."""
+    return child_env()
+
+
+@pytest.fixture
+def run_cmd() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run a command from the repo root with the child environment; fail the test with its output."""
+
+    def _run(cmd: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            pytest.fail(
+                f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+            )
+        return proc
+
+    return _run
