@@ -371,8 +371,8 @@ def load_model(
 
     `model`: a Qwen3-VL folder or hub id (the base). `adapter`: an exported PEFT adapter folder
     (LoRA + the trained `<|mask|>` row), merged into the base weights. `checkpoint`: a trainer
-    checkpoint directory (`OUTPUT_DIR/checkpoints/step-N`): its `trainable.safetensors` weights
-    are loaded into the language model (LoRA is rebuilt from the run's resolved config).
+    checkpoint directory (`OUTPUT_DIR/checkpoints/step-N`): the model is rebuilt as the run built
+    it and its trained weights loaded.
     `dtype` "auto" = bfloat16 on GPU, float32 on CPU.
     """
     from trainer.model import assemble_mdlm_model, build_mdlm_model
@@ -411,47 +411,14 @@ def load_model(
 
 
 def _load_from_checkpoint(model: str, checkpoint: str, dtype: torch.dtype, attn_implementation: str) -> Any:
-    """Rebuild the model as the run built it (LoRA settings from its resolved config) and load the
-    checkpoint's trainable weights."""
-    from trainer.checkpoint import load_trainable_state
-    from trainer.model import build_mdlm_model
+    """The model as the run built it (settings from the checkpoint's stored config), trained
+    weights loaded (`trainer.export.load_trained_model`); `model` overrides the base path."""
+    from trainer.export import load_trained_model
 
-    config = _run_config_for(Path(checkpoint))
-    lora = config.get("lora", {}) if config else {}
-    use_lora = bool(lora.get("enabled", True))
-    mdlm = build_mdlm_model(
-        model,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        use_lora=use_lora,
-        lora_r=int(lora.get("r", 16)),
-        lora_alpha=int(lora.get("alpha", 32)),
-        lora_dropout=float(lora.get("dropout", 0.05)),
-        target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
-    )
-    state = load_trainable_state(checkpoint)
-    target = mdlm.language
-    own = dict(target.named_parameters())
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise ValueError(
-            f"checkpoint {checkpoint!r} holds weights this model lacks ({unknown[0]}, ...): "
-            "pass the --model the run trained"
-        )
-    with torch.no_grad():
-        for name, value in state.items():
-            own[name].copy_(value.to(own[name].dtype))
+    mdlm, _ = load_trained_model(checkpoint, base=model, dtype=dtype)
+    if attn_implementation != mdlm.backend:
+        mdlm.set_attention(attn_implementation)
     return mdlm
-
-
-def _run_config_for(checkpoint: Path) -> dict[str, Any] | None:
-    """The resolved YAML config of the run that wrote `checkpoint` (OUTPUT_DIR/config.yaml), if any."""
-    import yaml
-
-    for candidate in (checkpoint.parent.parent / "config.yaml", checkpoint / "config.yaml"):
-        if candidate.is_file():
-            return yaml.safe_load(candidate.read_text(encoding="utf-8"))
-    return None
 
 
 def decode_generations(tokenizer: Any, generations: Sequence[Generation]) -> None:
