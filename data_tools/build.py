@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +194,38 @@ def plan_splits(source: Source, settings: BuildSettings) -> dict[str, tuple[str,
     return plans
 
 
+def _process_chunk(chunk: list[tuple[int, str, Any]]) -> list[Any]:
+    return [_process(task) for task in chunk]
+
+
+def _ordered_map(
+    pool: ProcessPoolExecutor, tasks: Iterator[tuple[int, str, Any]], window: int, chunk_size: int = 4
+) -> Iterator[Any]:
+    """Results in input order with at most `window` chunks in flight (rows are read lazily).
+
+    Unlike `multiprocessing.Pool.imap`, a worker that dies (a decoder crash, the OOM killer) ends
+    the build with an error instead of a hang."""
+    pending: deque[Future[list[Any]]] = deque()
+
+    def submit() -> bool:
+        chunk = list(itertools.islice(tasks, chunk_size))
+        if chunk:
+            pending.append(pool.submit(_process_chunk, chunk))
+        return bool(chunk)
+
+    while len(pending) < window and submit():
+        pass
+    while pending:
+        try:
+            done = pending.popleft().result()
+        except BrokenProcessPool as e:
+            raise SystemExit(
+                f"a build worker died ({e}); re-run to resume, or use --workers 1 to find the row"
+            ) from e
+        submit()
+        yield from done
+
+
 def _state_path(directory: Path, shard_id: int) -> Path:
     return directory / STATE_DIR / f"shard-{shard_id:06d}.json"
 
@@ -289,8 +324,8 @@ def build_split(
     pool = None
     if workers > 1:
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=initargs)
-        results: Iterator[Any] = pool.imap(_process, tasks, chunksize=4)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
+        results: Iterator[Any] = _ordered_map(pool, tasks, window=8 * workers)
     else:
         _init_worker(*initargs)
         results = map(_process, tasks)
@@ -343,8 +378,7 @@ def build_split(
         if bar is not None:
             bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     if current:
         flush(num_seen)
     rejects.extend(current_rejects)

@@ -25,6 +25,7 @@ MAX_ASPECT_RATIO = 200
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Formats we decode; everything else (e.g. EPS, which runs Ghostscript) is refused.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+EXIF_ORIENTATION = 0x0112
 IMAGE_FORMATS = {"jpeg": ("JPEG", "jpg"), "png": ("PNG", "png"), "webp": ("WEBP", "webp")}
 
 
@@ -110,7 +111,8 @@ def open_image_safely(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIX
         raise ImageError("corrupt_image", f"image size {width}x{height}")
     try:
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing always copies: only when needed
+            image = ImageOps.exif_transpose(image)
         if image.mode != "RGB":
             # Composite transparency onto white instead of letting it turn black.
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -168,6 +170,6 @@ def _is_plain_jpeg(data: bytes) -> bool:
     """A baseline-decodable RGB JPEG without an EXIF orientation, safe to store byte for byte."""
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
-            return im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1
+            return im.mode == "RGB" and im.getexif().get(EXIF_ORIENTATION, 1) == 1
     except Exception:
         return False
