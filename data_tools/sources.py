@@ -322,7 +322,7 @@ def _assemble(
     # Image slots without their own image take the row's images in order; the counts must agree.
     pending = [_image_ref(v, base_dir) for v in row_images]
     num_unfilled = sum(1 for s in slots if s is None)
-    if num_unfilled != len(pending) and not (num_unfilled == 0 and not pending):
+    if num_unfilled != len(pending):
         raise SampleError(
             "image_count_mismatch",
             f"{len(slots)} image markers but {len(pending) + len(slots) - num_unfilled} images",

@@ -215,6 +215,8 @@ def test_hf_messages_with_image_column(tmp_path: Path, tiny_model_dir: Path) -> 
     assert train["num_samples"] + test["num_samples"] == 20 and test["num_samples"] > 0
     keys = {s["key"] for ix in (train, test) for sh in ix["shards"] for s in sh["samples"]}
     assert len(keys) == 20
+    assert _build(str(tmp_path / "ds"), tmp_path / "five", tiny_model_dir, "--limit", "5") == 0
+    assert shards.read_index(tmp_path / "five")["num_samples"] == 5
 
 
 def test_every_rejection_reason(tmp_path: Path, tiny_model_dir: Path) -> None:
