@@ -243,3 +243,54 @@ def test_eval_loader_fixed_order_every_sample_once_equal_steps(shard_dir: Path, 
         )
     )
     assert [b.keys for b in again] == [b.keys for b in batches[1]]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_packed_rows_from_shards_equal_samples_one_by_one_in_the_tiny_model(
+    shard_dir: Path, processor: Any, tiny_model_dir: Path, backend: str
+) -> None:
+    from trainer.data import SampleReader, collate_rows
+    from trainer.model import build_mdlm_model
+
+    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, attn_implementation=backend)
+    language = model.language.eval()
+    loader = _loader(shard_dir, processor, world_size=1, micro_batch=2, grad_accum=1, num_workers=0)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def sub_sequences_with_images(batch: PackedBatch) -> int:
+        rows, cols = torch.nonzero(batch.input_ids == image_id, as_tuple=True)
+        return len(set(zip(rows.tolist(), batch.seq_ids[rows, cols].tolist(), strict=True)))
+
+    # The micro-batch with images in the most sub-sequences (packed rows, several images).
+    batch = max((item.micro_batches[0] for item in loader), key=sub_sequences_with_images)
+    assert sub_sequences_with_images(batch) >= 2 and any(len(k) > 1 for k in batch.keys)
+    with torch.no_grad():
+        vision = model.vision_features(batch.pixel_values, batch.image_grid_thw)
+        packed_BLH = language.hidden_states(
+            batch.input_ids, batch.position_ids, batch.seq_ids, vision,
+            cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+        )  # fmt: skip
+    reader = SampleReader(processor)
+    catalog = loader.catalog
+    refs = {catalog.display_key(i): catalog.refs[i] for i in range(len(catalog))}
+    num_compared = 0
+    for b, keys in enumerate(batch.keys):
+        for j, key in enumerate(keys):
+            sample = reader.read(refs[key], key)
+            assert sample is not None
+            alone = collate_rows([[sample]], reader.pad_token_id)
+            with torch.no_grad():
+                alone_vision = (
+                    model.vision_features(alone.pixel_values, alone.image_grid_thw)
+                    if alone.pixel_values is not None
+                    else None
+                )
+                alone_1LH = language.hidden_states(
+                    alone.input_ids, alone.position_ids, alone.seq_ids, alone_vision
+                )
+            n = len(sample.input_ids)
+            torch.testing.assert_close(
+                packed_BLH[b][batch.seq_ids[b] == j], alone_1LH[0, :n], atol=2e-5, rtol=1e-4
+            )
+            num_compared += 1
+    assert num_compared >= 3
