@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -199,27 +200,56 @@ def test_pixel_values_are_the_stored_images_without_a_second_resize(shard_dir: P
     raise AssertionError("the two-image sample was not seen")
 
 
-def test_corrupt_sample_is_skipped_counted_and_the_step_still_happens(
+def test_corrupt_samples_are_skipped_counted_logged_and_the_step_still_happens(
     shard_dir: Path, processor: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(shard_dir, broken)
-    victim = read_index(broken)["shards"][2]["samples"][3]
+    index = read_index(broken)
+    victim = index["shards"][2]["samples"][3]  # text only: break its JSON
     with open(broken / "shard-000002.tar", "r+b") as f:
-        f.seek(victim["offset"] + 512)  # the JSON member's data: garbage bytes
+        f.seek(victim["offset"] + 512)
         f.write(b"\xff\x00garbage" * 8)
-    clean = [item.keys for item in _loader(shard_dir, processor, packing=False, num_workers=0)]
-    loader = _loader(broken, processor, packing=False, num_workers=2)
+    victim2 = index["shards"][0]["samples"][1]  # break its image: overwrite the PNG signature
+    with open(broken / "shard-000000.tar", "r+b") as f:
+        f.seek(victim2["offset"])
+        png_at = f.read(victim2["num_bytes"]).index(b"\x89PNG")
+        f.seek(victim2["offset"] + png_at)
+        f.write(b"garbage!")
+    clean = [item.keys for item in _loader(shard_dir, processor, world_size=1, packing=False, num_workers=0)]
+    loader = _loader(broken, processor, world_size=1, packing=False, num_workers=2)
     items = list(loader)
     assert len(items) == len(clean)  # the step count does not change
-    assert loader.num_skipped == Counter({"corrupt": 1})
+    assert loader.num_skipped == Counter({"corrupt": 2})
     seen = [k for item in items for k in item.keys]
-    assert victim["key"] not in seen
+    assert victim["key"] not in seen and victim2["key"] not in seen
+    assert len(seen) == sum(len(keys) for keys in clean) - 2
     hit = next(i for i, keys in enumerate(clean) if victim["key"] in keys)
-    assert items[hit].skipped == {"corrupt": 1}
+    assert items[hit].skipped["corrupt"] >= 1
     # The row of the skipped sample (one sample per row here) became a dummy row with no targets.
     row = next(mb for mb in items[hit].micro_batches if mb.keys == [[]])
     assert row.num_answer_tokens == 0 and row.seq_ids[0, :8].eq(0).all()
+    # Logged once per reason within the rate limit (here in-process, where caplog sees it).
+    with caplog.at_level("WARNING", logger="trainer.data.batch"):
+        in_process = _loader(broken, processor, world_size=1, packing=False, num_workers=0)
+        assert [item.keys for item in in_process] == [item.keys for item in items]
+    records = [r for r in caplog.records if "skipped sample" in r.getMessage()]
+    assert len(records) == 1 and "corrupt" in records[0].getMessage()
+    assert in_process.num_skipped == Counter({"corrupt": 2})
+
+
+def test_sample_that_disagrees_with_the_index_is_skipped_as_mismatch(
+    shard_dir: Path, processor: Any, tmp_path: Path
+) -> None:
+    edited = tmp_path / "edited"
+    shutil.copytree(shard_dir, edited)
+    index = json.loads((edited / "index.json").read_text())
+    entry = index["shards"][0]["samples"][1]
+    entry["image_grid_thw"] = [[1, 4, 6]]  # the stored image is 4x4 patches
+    (edited / "index.json").write_text(json.dumps(index))
+    loader = _loader(edited, processor, world_size=1, packing=False, num_workers=0)
+    keys = [k for item in loader for k in item.keys]
+    assert entry["key"] not in keys and loader.num_skipped == Counter({"mismatch": 1})
 
 
 def test_eval_loader_fixed_order_every_sample_once_equal_steps(shard_dir: Path, processor: Any) -> None:
