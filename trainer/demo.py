@@ -68,6 +68,8 @@ class DemoConfig:
     """DeepSpeed ranks (CPU processes, gloo)."""
     lora: bool = False
     """Train LoRA adapters instead of the whole language model (learns this task worse)."""
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """LoRA targets when `lora` (attention and MLP: a random base needs the capacity)."""
     lr: float = 3e-4
     """Learning rate (AdamW, constant after warmup)."""
     micro_batch_size: int = 2
@@ -101,6 +103,8 @@ def train_command(config: DemoConfig, model_dir: Path, shards: Path, train_dir: 
         "model.name_or_path": model_dir,
         "model.attn_implementation": "sdpa",
         "lora.enabled": config.lora,
+        "lora.target_modules": config.lora_target_modules,
+        "lora.dropout": 0.0,
         "data.train": shards / "train",
         "data.test": shards / "test",
         "data.max_tokens": config.max_tokens,
