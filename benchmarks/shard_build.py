@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from data_tools.build import BuildSettings, run_build
+from data_tools.samples import load_tokenizer, tokenizer_info
 from data_tools.sources import open_source
 from data_tools.synth import _font
 
@@ -71,14 +73,14 @@ def render_page(rng: random.Random, width: int = 1280, height: int = 960) -> Ima
     return page
 
 
-def make_dataset(directory: Path, num: int, seed: int = 0) -> Path:
-    """`num` distinct pages as JPEG files and a JSONL dataset that asks about them."""
+def make_dataset(directory: Path, num: int, seed: int = 0, page_format: str = "jpg") -> Path:
+    """`num` distinct pages as JPEG (or PNG) files and a JSONL dataset that asks about them."""
     rng = random.Random(seed)
     (directory / "pages").mkdir(parents=True)
     rows = []
     for i in range(num):
-        name = f"pages/p{i:05d}.jpg"
-        render_page(rng).save(directory / name, quality=90)
+        name = f"pages/p{i:05d}.{page_format}"
+        render_page(rng).save(directory / name, **({"quality": 90} if page_format == "jpg" else {}))
         rows.append(
             {
                 "id": f"page-{i}",
@@ -99,13 +101,21 @@ def make_dataset(directory: Path, num: int, seed: int = 0) -> Path:
     return path
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     """Build the same dataset with each worker count and print the rates."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num", type=int, default=240)
     parser.add_argument("--model", default=None, help="model folder (default: a fresh make-tiny folder)")
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--image-format", default="jpeg")
+    parser.add_argument(
+        "--image-format", default="jpeg", help="stored format (jpeg keeps on-grid JPEG bytes)"
+    )
+    parser.add_argument("--page-format", default="jpg", choices=["jpg", "png"], help="source page files")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shard-bench-"))
     try:
@@ -115,22 +125,32 @@ def main() -> None:
 
             model = str(make_tiny(work / "model"))
         t0 = time.perf_counter()
-        source_path = make_dataset(work / "data", args.num)
+        source_path = make_dataset(work / "data", args.num, page_format=args.page_format)
         print(
             f"rendered {args.num} pages of 1280x960 in {time.perf_counter() - t0:.1f}s "
-            f"({os.cpu_count()} CPUs, image format {args.image_format})"
+            f"({os.cpu_count()} CPUs, {args.page_format} pages -> {args.image_format})"
         )
         source = open_source(str(source_path))
+        # Load the tokenizer and its fingerprint once (cached), outside the timed builds.
+        tokenizer_info(load_tokenizer(model), model)
         settings = BuildSettings(image_format=args.image_format, samples_per_shard=100)
-        print(f"{'workers':>7} {'samples':>7} {'seconds':>8} {'samples/s':>10} {'per worker':>10} {'MiB':>7}")
+        # CPU seconds of this process and its (reaped) workers: on a shared machine wall-clock scaling
+        # is bounded by the free cores, CPU time per sample is not.
+        print(
+            f"{'workers':>7} {'samples':>7} {'seconds':>8} {'samples/s':>10} {'per worker':>10} "
+            f"{'CPU ms/sample':>13} {'MiB':>7}"
+        )
         for workers in [int(w) for w in args.workers.split(",")]:
-            out = work / f"out-{workers}"
+            out = work / f"out-{len(list(work.glob('out-*')))}"
+            cpu0 = _cpu_seconds()
             (result,) = run_build(source, out, model, settings, workers=workers, progress=False)
+            cpu_ms = 1000 * (_cpu_seconds() - cpu0) / result.num_samples
             rate = result.num_samples / result.seconds
             print(
                 f"{workers:>7} {result.num_samples:>7} {result.seconds:>8.2f} {rate:>10.1f} "
-                f"{rate / workers:>10.1f} {result.num_bytes / 2**20:>7.1f}"
+                f"{rate / workers:>10.1f} {cpu_ms:>13.1f} {result.num_bytes / 2**20:>7.1f}"
             )
+        print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

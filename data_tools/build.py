@@ -552,19 +552,33 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
         help="reject source images above this many pixels (checked before decoding)",
     )
     parser.add_argument("--max-tokens", type=int, default=8192, help="reject longer samples (0 = no limit)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--max-shard-bytes", type=int, default=512 * 1024 * 1024)
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=1000, help="close a shard at this many samples"
+    )
+    parser.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=512 * 1024 * 1024,
+        help="... or before it passes this many bytes",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
-    parser.add_argument("--image-format", choices=sorted(images_mod.IMAGE_FORMATS), default="jpeg")
-    parser.add_argument("--image-quality", type=int, default=95)
+    parser.add_argument(
+        "--image-format", choices=sorted(images_mod.IMAGE_FORMATS), default="jpeg", help="stored image format"
+    )
+    parser.add_argument("--image-quality", type=int, default=95, help="JPEG/WebP quality")
     parser.add_argument(
         "--train-on",
         choices=["last", "all"],
         default="last",
         help="answer mask on the last assistant turn or all of them",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-reject-fraction", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the --test-fraction hold-out (and synth)")
+    parser.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=0.5,
+        help="fail when more of the rows than this are rejected",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
