@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from data_tools.build import BuildSettings, run_build
 from data_tools.samples import load_tokenizer, tokenizer_info
 from data_tools.sources import open_source
-from data_tools.synth import _font
+from data_tools.synth import nanum_font
 
 WORDS_EN = [
     "revenue",
@@ -51,11 +51,11 @@ def render_page(rng: random.Random, width: int = 1280, height: int = 960) -> Ima
     draw.text(
         (60, 40),
         f"{rng.choice(WORDS_KO)} {rng.choice(WORDS_EN)} {rng.randint(2000, 2030)}",
-        font=_font(36),
+        font=nanum_font(36),
         fill=(10, 10, 10),
     )
     y = 110
-    body = _font(18)
+    body = nanum_font(18)
     for _ in range(14):
         words = [rng.choice(WORDS_EN + WORDS_KO) for _ in range(rng.randint(10, 16))]
         draw.text((60, y), " ".join(words), font=body, fill=(30, 30, 30))

@@ -142,7 +142,8 @@ def _png(image: Image.Image) -> bytes:
 
 
 @lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def nanum_font(size: int) -> ImageFont.FreeTypeFont:
+    """NanumGothic at `size` px, from the fonts koreanize-matplotlib ships (cached)."""
     import importlib.util
 
     # Found, not imported: importing koreanize_matplotlib would reconfigure matplotlib.
@@ -182,7 +183,7 @@ def render(task: Task, rng: random.Random) -> tuple[bytes, str]:
         text = word if task.lang == "en" else LABELS_KO[word]
         image = _background(rng, (2 * IMAGE_SIZE, IMAGE_SIZE))
         draw = ImageDraw.Draw(image)
-        font = _font(rng.randint(22, 28))
+        font = nanum_font(rng.randint(22, 28))
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         x = rng.uniform(2, max(2, 126 - (right - left))) - left
         y = rng.uniform(2, max(2, 62 - (bottom - top))) - top
