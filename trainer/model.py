@@ -152,6 +152,44 @@ def _base(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _sparse_trainable_tokens_forward(
+    layer: nn.Module, x: torch.Tensor, active_adapters: Any, *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    """PEFT ``TrainableTokensLayer`` forward without materialising the merged weight matrix.
+
+    Stock PEFT rebuilds the whole [V, H] matrix with ``index_copy`` on every call of the embedding and
+    of the tied LM head (311M elements on Qwen3-VL-2B, and a dense [V, H] weight gradient behind
+    it). The result here is the same: base rows from the frozen layer, then the few trained rows
+    (the ``<|mask|>`` embedding) written in where they are used."""
+    if layer.disable_adapters or not active_adapters or layer.merged:
+        return layer._stock_forward_adapters(x, active_adapters, *args, **kwargs)
+    base = layer.base_layer
+    result = base(x)
+    for adapter in active_adapters:
+        indices = layer.token_indices[adapter]
+        delta = layer.trainable_tokens_delta[adapter].to(result.dtype)
+        if isinstance(base, nn.Embedding):
+            scale = layer._get_embed_scale()
+            if scale is not None:
+                delta = delta * scale.to(delta.dtype)
+            for row, token_id in enumerate(indices):
+                result = torch.where((x == token_id)[..., None], delta[row], result)
+        else:  # the LM head tied to the embedding: the trained rows are output columns
+            columns = torch.tensor(indices, device=result.device)
+            result = result.index_copy(-1, columns, x.to(delta.dtype) @ delta.T)
+    return result
+
+
+def _use_sparse_trainable_tokens(model: nn.Module) -> None:
+    """Route every PEFT ``TrainableTokensLayer`` of ``model`` through the sparse forward above."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer) and not hasattr(module, "_stock_forward_adapters"):
+            module._stock_forward_adapters = module.forward_adapters
+            module.forward_adapters = _sparse_trainable_tokens_forward.__get__(module)
+
+
 class MDLMLanguageModel(nn.Module):
     """The trainable half that goes into the DeepSpeed engine.
 
@@ -495,6 +533,7 @@ def assemble_mdlm_model(
             bias="none",
         )
         peft_model = get_peft_model(model, lora_config)
+        _use_sparse_trainable_tokens(peft_model)
     else:
         peft_model = model
         model.model.language_model.requires_grad_(True)

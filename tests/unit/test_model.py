@@ -399,3 +399,33 @@ def test_complementary_batch_runs_with_repeated_vision(mdlm: MDLMModel) -> None:
                 torch.cat([batch["seq_ids"]] * 2),
                 vision,
             )
+
+
+def test_sparse_trainable_tokens_equal_stock_peft(tiny_model_dir: Path) -> None:
+    """The sparse <|mask|>-row forward gives stock PEFT's outputs and gradients, embedding and tied head."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32)
+    layers = [m for m in model.peft_model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert len(layers) == 2  # the embedding and the LM head tied to it
+    embed = next(m for m in layers if isinstance(m.base_layer, torch.nn.Embedding))
+    head = next(m for m in layers if isinstance(m.base_layer, torch.nn.Linear))
+    delta = embed.trainable_tokens_delta["default"]
+    with torch.no_grad():
+        delta.add_(torch.randn_like(delta))  # a trained row differs from the base row
+    mask_id = model.mask_token_id
+    ids = torch.tensor([[9707, mask_id, 1879, mask_id, 151645]])
+    hidden = torch.randn(5, model.config.text_config.hidden_size)
+    adapters = embed.active_adapters
+
+    outputs = {}
+    for name, layer, x in (("embed", embed, ids), ("head", head, hidden)):
+        for kind, forward in (("sparse", layer.forward_adapters), ("stock", layer._stock_forward_adapters)):
+            delta.grad = None
+            out = forward(x, adapters)
+            out.square().sum().backward()
+            outputs[name, kind] = (out.detach(), delta.grad.clone())
+    for name in ("embed", "head"):
+        torch.testing.assert_close(outputs[name, "sparse"][0], outputs[name, "stock"][0])
+        torch.testing.assert_close(outputs[name, "sparse"][1], outputs[name, "stock"][1])
+    assert not torch.equal(outputs["embed", "sparse"][0][0, 1], embed.base_layer.weight[mask_id])
