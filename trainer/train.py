@@ -67,6 +67,10 @@ PEAK_TFLOPS_BF16: dict[str, float] = {
 }
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says what to change."""
+
+
 @dataclass
 class TrainResult:
     """What ``run`` returns (the same on every rank)."""
@@ -337,6 +341,7 @@ def train_step(
     config: TrainConfig,
     info: Any,
     fm: FlopsModel,
+    zero3: bool,
 ) -> StepStats:
     """Forward/backward every micro-batch of this rank and step the optimizer (see module docstring)."""
     from trainer.diffusion import apply_masking, sample_sequence_t
@@ -378,6 +383,14 @@ def train_step(
         elif batch.pixel_values is not None:
             # Frozen tower, outside the engine, no autograd (DESIGN decision 2).
             vision_kwargs = {"vision": model.vision_features(batch.pixel_values, batch.image_grid_thw)}
+        chunk_size = config.diffusion.ce_chunk_size
+        if zero3:
+            # ZeRO-3 gathers lm_head's weight on every call, so every rank must call it equally
+            # often: one chunk as wide as the largest masked count of any rank.
+            (max_masked,) = distributed.all_reduce_max([float(noisy.masked.sum())])
+            chunk_size = max(1, int(max_masked))
+        # The loss is computed inside the engine's forward: under ZeRO-3 the tied LM head and the
+        # trained mask row are gathered there.
         out = engine(
             noisy.noisy_input_ids,
             batch.position_ids,
@@ -391,7 +404,7 @@ def train_step(
             num_normalizer=normaliser,
             cu_seqlens=batch.cu_seqlens,
             max_seqlen=batch.max_seqlen,
-            chunk_size=config.diffusion.ce_chunk_size,
+            chunk_size=chunk_size,
             **vision_kwargs,
         )
         # A non-finite loss gives non-finite gradients: DeepSpeed then skips the update on every
@@ -615,7 +628,7 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
             t0 = time.perf_counter()
             item = next(data_iter)  # the plan is endless and equal on every rank: no rank runs dry
             t1 = time.perf_counter()
-            stats = train_step(engine, model, item.micro_batches, step, config, info, fm)
+            stats = train_step(engine, model, item.micro_batches, step, config, info, fm, zero3)
             step += 1
             t2 = time.perf_counter()
             result.losses.append(stats.loss)
@@ -623,7 +636,7 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
                 skipped_steps += 1
                 consecutive_skips += 1
                 if consecutive_skips >= config.schedule.max_consecutive_skips:
-                    raise RuntimeError(
+                    raise TrainingError(
                         f"{consecutive_skips} non-finite steps in a row (last at step {step}): lower optim.lr, "
                         "check the data, or use bf16/fp32 instead of fp16"
                     )
@@ -869,7 +882,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         result = run(config)
-    except RuntimeError as err:
+    except TrainingError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -80,11 +81,19 @@ def run_cmd() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run a command from the repo root with the child environment; fail the test with its output."""
 
     def _run(cmd: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            pytest.fail(
-                f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-            )
-        return proc
+        # Own session: on a timeout (a hang) the launcher and all its ranks are killed together.
+        popen = subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s\n{stdout[-3000:]}\n{stderr[-6000:]}")
+        if check and popen.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} exited {popen.returncode}\n{stdout[-4000:]}\n{stderr[-6000:]}")
+        return subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
 
     return _run

@@ -80,14 +80,14 @@ def test_zero2_two_ranks_full_lm_loss_goes_down(
 ) -> None:
     out = tmp_path / "z2"
     args = [*common_args(tiny_model_dir, mixed_shards, out), "--deepspeed", "zero2", "--lora", "False"]
-    args += ["--learning_rate", "1e-3", "--max_steps", "8", "--save_steps", "0", "--eval_steps", "4"]
+    args += ["--learning_rate", "1e-2", "--max_steps", "8", "--save_steps", "0", "--eval_steps", "4"]
     proc = run_cmd(torchrun_cmd(2, args))
-    losses = losses_by_step(out)
-    assert sorted(losses) == list(range(1, 9))
-    first, last = sum(losses[s] for s in (1, 2)) / 2, sum(losses[s] for s in (7, 8)) / 2
-    assert last < 0.8 * first, losses
+    assert sorted(losses_by_step(out)) == list(range(1, 9))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") != "eval"]
+    # The 1/t-weighted loss of 16 answer tokens is noisy; the plain CE per masked token is not.
+    ce = [r["ce_per_masked"] for r in train]
+    assert sum(ce[-2:]) / 2 < 0.8 * sum(ce[:2]) / 2, ce
     for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "samples_per_s", "mfu",
                 "data_wait_fraction", "peak_memory_gib", "mean_t", "skipped_steps", "skipped_samples"):  # fmt: skip
         assert key in train[-1], key
@@ -115,11 +115,15 @@ def test_zero3_lora_kill9_then_resume_equals_uninterrupted(
         "--lora",
         "True",
     ]
-    base += ["--learning_rate", "3e-3", "--max_steps", "6", "--save_steps", "2"]
+    base += ["--learning_rate", "1e-2", "--max_steps", "6", "--save_steps", "2"]
     run_cmd(torchrun_cmd(2, base))
     reference = losses_by_step(tmp_path / "ref")
     assert sorted(reference) == list(range(1, 7))
-    assert sum(reference[s] for s in (5, 6)) < sum(reference[s] for s in (1, 2)), reference
+    ce = [
+        json.loads(line)["ce_per_masked"]
+        for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert sum(ce[-2:]) < sum(ce[:2]), ce  # LoRA under ZeRO-3 learns too
 
     out = tmp_path / "killed"
     args = [a if a != str(tmp_path / "ref") else str(out) for a in base]
