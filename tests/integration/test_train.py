@@ -183,6 +183,7 @@ def test_two_launchers_as_two_nodes_with_hostfile(
                 "127.0.0.1",
                 "--master_port",
                 port,
+                "--no_local_rank",  # the `trainer` dispatcher takes the command first (see report)
                 "--module",
                 "trainer",
                 "train",
