@@ -57,6 +57,9 @@ class BuildSettings:
     """JPEG / WebP quality."""
     train_on: str = "last"
     """Answer mask on the `last` assistant turn or on `all` assistant turns."""
+    pad_answer_to: int = 0
+    """Pad the last answer to this many target tokens with `<|endoftext|>` (0 = off; LLaDA's SFT
+    recipe: the model learns to end a fixed-size generation canvas; see samples.tokenize_conversation)."""
     seed: int = 0
     """Seeds the held-out split (`test_fraction`)."""
     limit: int | None = None
@@ -72,6 +75,8 @@ class BuildSettings:
             raise SystemExit(f"--image-format {self.image_format}: use one of jpeg, png, webp")
         if self.train_on not in ("last", "all"):
             raise SystemExit(f"--train-on {self.train_on}: use last or all")
+        if self.pad_answer_to < 0:
+            raise SystemExit(f"--pad-answer-to {self.pad_answer_to}: must be >= 0 (0 = no padding)")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise SystemExit(
                 f"--min-pixels {self.min_pixels} / --max-pixels {self.max_pixels}: need 0 < min <= max"
@@ -132,7 +137,11 @@ def encode_conversation(
             )
         )
     tokens = tokenize_conversation(
-        tokenizer, conv.messages, [p.num_tokens for p in processed], settings.train_on
+        tokenizer,
+        conv.messages,
+        [p.num_tokens for p in processed],
+        settings.train_on,
+        pad_answer_to=settings.pad_answer_to,
     )
     if settings.max_tokens is not None and len(tokens.input_ids) > settings.max_tokens:
         raise SampleError(
@@ -572,6 +581,12 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
         default="last",
         help="answer mask on the last assistant turn or all of them",
     )
+    parser.add_argument(
+        "--pad-answer-to",
+        type=int,
+        default=0,
+        help="pad the last answer to N target tokens with <|endoftext|> (LLaDA SFT; 0 = off)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the --test-fraction hold-out (and synth)")
     parser.add_argument(
         "--max-reject-fraction",
@@ -607,6 +622,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
         image_format=args.image_format,
         image_quality=args.image_quality,
         train_on=args.train_on,
+        pad_answer_to=args.pad_answer_to,
         seed=args.seed,
         limit=getattr(args, "limit", None),
         test_fraction=getattr(args, "test_fraction", 0.0),

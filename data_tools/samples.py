@@ -129,10 +129,16 @@ def tokenize_conversation(
     messages: list[dict[str, Any]],
     image_num_tokens: list[int],
     train_on: str = "last",
+    pad_answer_to: int = 0,
 ) -> Tokenized:
     """Token ids (image pads expanded to `image_num_tokens[i]` each) and the answer mask.
 
     `messages` are normalised (`content` = list of `{"type": "image"}` / `{"type": "text"}` parts).
+    `pad_answer_to` > 0 pads the last answer (with its `<|im_end|>`) to that many target tokens with
+    `<|endoftext|>`, in place of the template's closing newline (LLaDA's SFT recipe): a model trained
+    on ends that always lie the same distance after the prompt learns to fill a generation canvas of
+    that size with the answer, `<|im_end|>`, then `<|endoftext|>`, rather than reading the answer's
+    length off the end of the sequence.
     """
     text, spans = answer_spans(tokenizer, messages, train_on)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -164,4 +170,23 @@ def tokenize_conversation(
             answer_mask.append(target)
     if not any(answer_mask):
         raise SampleError("empty_answer", "the assistant answer has no tokens")
+    if pad_answer_to > 0:
+        input_ids, answer_mask = _pad_last_answer(tokenizer, input_ids, answer_mask, pad_answer_to)
     return Tokenized(input_ids=input_ids, answer_mask=answer_mask)
+
+
+def _pad_last_answer(
+    tokenizer: Any, input_ids: list[int], answer_mask: list[int], pad_answer_to: int
+) -> tuple[list[int], list[int]]:
+    last = max(i for i, m in enumerate(answer_mask) if m)
+    first = last
+    while first > 0 and answer_mask[first - 1]:
+        first -= 1
+    tail = input_ids[last + 1 :]
+    if tokenizer.decode(tail).strip():
+        return input_ids, answer_mask  # the conversation goes on after this answer: nothing to pad
+    num_pads = max(pad_answer_to - (last + 1 - first), 0)
+    if num_pads == 0:
+        return input_ids, answer_mask  # an answer this long keeps its template ending
+    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return input_ids[: last + 1] + [eos_id] * num_pads, answer_mask[: last + 1] + [1] * num_pads

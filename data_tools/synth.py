@@ -42,6 +42,7 @@ from data_tools.sources import Source
 SYNTH_MIN_PIXELS = 64 * 64
 SYNTH_MAX_PIXELS = 128 * 128
 IMAGE_SIZE = 64
+SYNTH_ANSWER_CANVAS = 8
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -282,7 +283,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks, or all")
     add_build_options(parser)
     parser.set_defaults(
-        min_pixels=SYNTH_MIN_PIXELS, max_pixels=SYNTH_MAX_PIXELS, image_format="png", samples_per_shard=500
+        min_pixels=SYNTH_MIN_PIXELS,
+        max_pixels=SYNTH_MAX_PIXELS,
+        image_format="png",
+        samples_per_shard=500,
+        # Answers are at most a few tokens: a canvas of 8 (the demo's generation length) holds any.
+        pad_answer_to=SYNTH_ANSWER_CANVAS,
     )
     return parser
 

@@ -24,6 +24,9 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher puts --local_rank=N right after `-m trainer`, before the command; the
+    # rank is read from the LOCAL_RANK environment variable instead.
+    argv = [arg for arg in argv if not arg.startswith("--local_rank")]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

@@ -269,8 +269,13 @@ def tiny_config(
     vision_hidden_size: int = 32,
     vision_depth: int = 2,
     vision_heads: int = 2,
+    initializer_range: float = 0.02,
 ) -> Qwen3VLConfig:
-    """A small but complete Qwen3-VL config with the real vocabulary and special-token ids."""
+    """A small but complete Qwen3-VL config with the real vocabulary and special-token ids.
+
+    ``initializer_range`` is the std of the random text weights (embeddings included): with a
+    frozen random embedding tied to the head, logits can only separate the 151,936 tokens if the rows
+    are long enough (0.02 x sqrt(128) bounds a logit gap near 2.6; a trained Qwen's is far larger)."""
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(
             f"hidden size {hidden_size} must divide by heads {num_heads}, and heads by kv heads {num_kv_heads}"
@@ -296,6 +301,7 @@ def tiny_config(
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": True,
+        "initializer_range": initializer_range,
         "bos_token_id": 151_643,
         "eos_token_id": 151_645,
         "pad_token_id": 151_643,
@@ -332,13 +338,13 @@ def tiny_config(
     )
 
 
-def build_tiny_model(*, seed: int = 0, **shape: int) -> Qwen3VLForConditionalGeneration:
+def build_tiny_model(*, seed: int = 0, **shape: float) -> Qwen3VLForConditionalGeneration:
     """A tiny random Qwen3-VL in memory (fp32, eval mode); `shape` as in `tiny_config`."""
     torch.manual_seed(seed)
     return Qwen3VLForConditionalGeneration(tiny_config(**shape)).eval()
 
 
-def make_tiny(out_dir: str | Path, *, seed: int = 0, **shape: int) -> Path:
+def make_tiny(out_dir: str | Path, *, seed: int = 0, **shape: float) -> Path:
     """Write a tiny random Qwen3-VL folder (seeded: the same seed gives the same weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -364,6 +370,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--vision-hidden-size", type=int, default=32, help="vision hidden size")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks")
     parser.add_argument("--vision-heads", type=int, default=2, help="vision attention heads")
+    parser.add_argument(
+        "--initializer-range", type=float, default=0.02, help="std of the random text weights"
+    )
     args = parser.parse_args(argv)
     try:
         out = make_tiny(
@@ -377,6 +386,7 @@ def main(argv: list[str]) -> int:
             vision_hidden_size=args.vision_hidden_size,
             vision_depth=args.vision_depth,
             vision_heads=args.vision_heads,
+            initializer_range=args.initializer_range,
         )
     except ValueError as err:
         parser.error(str(err))

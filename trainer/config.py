@@ -44,6 +44,9 @@ class ModelConfig:
     """Keep the vision tower frozen and outside the DeepSpeed engine (DESIGN decision 2)."""
     freeze_merger: bool = True
     """Keep the vision merger (and deepstack mergers) frozen."""
+    train_embeddings: bool = True
+    """With ``lora.enabled`` false: also train the [vocab, hidden] token embedding and LM head. False
+    keeps them frozen but for the ``<|mask|>`` row: far less optimizer state and gradient traffic."""
 
 
 @dataclass

@@ -281,10 +281,10 @@ def masked_cross_entropy(
     grad enabled) each chunk's [chunk, V] logits are recomputed in backward instead of kept, so at
     most one chunk of logits is alive.
     """
-    if hidden_MH.shape[0] == 0:
-        return hidden_MH.new_zeros(0, dtype=torch.float32)
     pieces = []
-    for start in range(0, hidden_MH.shape[0], chunk_size):
+    # At least one call, also with nothing masked: under ZeRO-3 every rank must run the LM head
+    # (and its recompute) the same number of times, or the parameter gathers fall out of step.
+    for start in range(0, max(hidden_MH.shape[0], 1), chunk_size):
         h_CH = hidden_MH[start : start + chunk_size]
         y_C = targets_M[start : start + chunk_size]
         if checkpoint_chunks and torch.is_grad_enabled() and h_CH.requires_grad:

@@ -70,6 +70,7 @@ def load_trained_model(
         target_modules=config.lora.target_modules,
         train_vision=not config.model.freeze_vision,
         train_merger=not config.model.freeze_merger,
+        train_embeddings=config.model.train_embeddings,
     )
     weights = load_trainable_state(ckpt_dir)
     params = dict(model.engine_module.named_parameters())
@@ -108,7 +109,10 @@ def export(ckpt_dir: str | Path, output: str | Path, merge: bool = False, base: 
     if config.lora.enabled and not merge:
         model.peft_model.save_pretrained(out)
         return out
-    merged = model.peft_model.merge_and_unload() if config.lora.enabled else model.peft_model
+    # LoRA, or the mask row of a full-LM run with frozen embeddings, lives in a PEFT wrapper.
+    merged = (
+        model.peft_model.merge_and_unload() if model.peft_model is not model.base_model else model.peft_model
+    )
     set_text_causal(merged, False)
     # Stock attention names: our packed backends are registered only inside this trainer.
     merged.set_attn_implementation("sdpa")

@@ -159,24 +159,25 @@ def _sparse_trainable_tokens_forward(
 
     Stock PEFT rebuilds the whole [V, H] matrix with ``index_copy`` on every call of the embedding and
     of the tied LM head (311M elements on Qwen3-VL-2B, and a dense [V, H] weight gradient behind
-    it). The result here is the same: base rows from the frozen layer, then the few trained rows
-    (the ``<|mask|>`` embedding) written in where they are used."""
+    it). Here the embedding takes its base rows from the frozen layer and the few trained rows (the
+    ``<|mask|>`` embedding) where they are used; the tied head uses the base rows only."""
     if layer.disable_adapters or not active_adapters or layer.merged:
         return layer._stock_forward_adapters(x, active_adapters, *args, **kwargs)
     base = layer.base_layer
     result = base(x)
+    if not isinstance(base, nn.Embedding):
+        # The LM head tied to the embedding keeps its base columns: the trained row is <|mask|>,
+        # whose logit is never predicted (-inf before every softmax). This also keeps the head off
+        # the embedding's delta parameter, which ZeRO-3 does not gather for the head.
+        return result
     for adapter in active_adapters:
         indices = layer.token_indices[adapter]
         delta = layer.trainable_tokens_delta[adapter].to(result.dtype)
-        if isinstance(base, nn.Embedding):
-            scale = layer._get_embed_scale()
-            if scale is not None:
-                delta = delta * scale.to(delta.dtype)
-            for row, token_id in enumerate(indices):
-                result = torch.where((x == token_id)[..., None], delta[row], result)
-        else:  # the LM head tied to the embedding: the trained rows are output columns
-            columns = torch.tensor(indices, device=result.device)
-            result = result.index_copy(-1, columns, x.to(delta.dtype) @ delta.T)
+        scale = layer._get_embed_scale()
+        if scale is not None:
+            delta = delta * scale.to(delta.dtype)
+        for row, token_id in enumerate(indices):
+            result = torch.where((x == token_id)[..., None], delta[row], result)
     return result
 
 
@@ -490,10 +491,13 @@ def assemble_mdlm_model(
     train_vision: bool = False,
     train_merger: bool = False,
     gradient_checkpointing: bool = False,
+    train_embeddings: bool = True,
 ) -> MDLMModel:
     """Turn a loaded stock ``Qwen3VLForConditionalGeneration`` into an :class:`MDLMModel` (in place).
 
     Also used on the meta device (``benchmarks/param_counts.py``), so it reads no weights.
+    ``use_lora=False`` trains the whole language model; with ``train_embeddings=False`` its [V, H]
+    embedding and tied head stay frozen but for the ``<|mask|>`` row.
     """
     backend = normalize_attention(attn_implementation)
     attention.register_attention_backends()
@@ -534,10 +538,26 @@ def assemble_mdlm_model(
         )
         peft_model = get_peft_model(model, lora_config)
         _use_sparse_trainable_tokens(peft_model)
-    else:
+    elif train_embeddings:
         peft_model = model
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
+        for name in vision_modules:
+            model.get_submodule(name).requires_grad_(True)
+    else:
+        # The whole language model but its [V, H] embedding and head, which stay frozen but for the
+        # <|mask|> row (PEFT trainable tokens, as with LoRA): far less optimizer state and gradient
+        # traffic, and a checkpoint that still exports as a standard folder.
+        from peft import TrainableTokensConfig, get_peft_model
+
+        peft_model = get_peft_model(
+            model,
+            TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[mask_id]),
+        )
+        _use_sparse_trainable_tokens(peft_model)
+        language = model.model.language_model
+        language.layers.requires_grad_(True)
+        language.norm.requires_grad_(True)
         for name in vision_modules:
             model.get_submodule(name).requires_grad_(True)
 
@@ -566,6 +586,7 @@ def build_mdlm_model(
     train_vision: bool = False,
     train_merger: bool = False,
     gradient_checkpointing: bool = False,
+    train_embeddings: bool = True,
 ) -> MDLMModel:
     """Load Qwen3-VL from ``name_or_path`` in ``dtype`` and assemble it (see :func:`assemble_mdlm_model`)."""
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
@@ -591,4 +612,5 @@ def build_mdlm_model(
         train_vision=train_vision,
         train_merger=train_merger,
         gradient_checkpointing=gradient_checkpointing,
+        train_embeddings=train_embeddings,
     )

@@ -266,6 +266,7 @@ def build_model(config: TrainConfig, precision: str, cuda: bool) -> Any:
         target_modules=config.lora.target_modules,
         train_vision=not config.model.freeze_vision,
         train_merger=not config.model.freeze_merger,
+        train_embeddings=config.model.train_embeddings,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
 

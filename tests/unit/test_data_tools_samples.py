@@ -75,3 +75,34 @@ def test_tokenizer_info(data_tools_tokenizer: Any) -> None:
     info = tokenizer_info(data_tools_tokenizer, "tiny")
     assert info["mask_token_id"] == data_tools_tokenizer.convert_tokens_to_ids("<|mask|>") == 151669
     assert len(info["fingerprint"]) == 64 and info["name_or_path"] == "tiny"
+
+
+def test_pad_answer_to_fills_a_fixed_canvas_with_endoftext(data_tools_tokenizer) -> None:
+    from data_tools.samples import tokenize_conversation
+
+    tok = data_tools_tokenizer
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    plain = tokenize_conversation(tok, messages, [], "last")
+    padded = tokenize_conversation(tok, messages, [], "last", pad_answer_to=8)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    answer_start = plain.answer_mask.index(1)
+    # "red" <|im_end|> then six <|endoftext|>, all targets, in place of the closing newline.
+    assert padded.input_ids[:answer_start] == plain.input_ids[:answer_start]
+    assert padded.input_ids[answer_start:] == [*tok.encode("red"), im_end] + [eos] * 6
+    assert padded.answer_mask[answer_start:] == [1] * 8
+    assert len(padded.input_ids) == answer_start + 8
+    # An answer already as long as the canvas keeps its template ending.
+    long_answer = [
+        messages[0],
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "one two three four five six seven eight"}],
+        },
+    ]
+    assert tokenize_conversation(tok, long_answer, [], "last", pad_answer_to=8) == tokenize_conversation(
+        tok, long_answer, [], "last"
+    )

@@ -30,7 +30,11 @@ def test_default_demo_set(tmp_path: Path, tiny_model_dir: Path, data_tools_token
             assert meta["lang"] == meta["task"].split("_")[1]
             j = sample["json"]
             target = [t for t, m in zip(j["input_ids"], j["answer_mask"], strict=True) if m]
-            assert data_tools_tokenizer.decode(target) == meta["answer"] + "<|im_end|>"
+            # The answer, <|im_end|>, then <|endoftext|> up to the 8-token answer canvas.
+            assert len(target) == synth.SYNTH_ANSWER_CANVAS
+            text = meta["answer"] + "<|im_end|>"
+            num_pads = synth.SYNTH_ANSWER_CANVAS - len(data_tools_tokenizer.encode(text))
+            assert data_tools_tokenizer.decode(target) == text + "<|endoftext|>" * num_pads
     assert seen_tasks == set(synth.DEFAULT_TASKS)
     # The held-out split is a different draw.
     ids = {s["key"] for sh in train["shards"] for s in sh["samples"]}

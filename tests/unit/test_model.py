@@ -275,6 +275,36 @@ def test_full_language_model_training_without_lora(tiny_model_dir: Path) -> None
     assert model.peft_model is base
 
 
+def test_full_language_model_with_frozen_embeddings(tiny_model_dir: Path) -> None:
+    """train_embeddings=False: layers and final norm train, the [V, H] matrix only in its mask row."""
+    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, use_lora=False, train_embeddings=False)
+    base = model.base_model
+    language = base.model.language_model
+    expected = {id(p) for p in [*language.layers.parameters(), *language.norm.parameters()]}
+    trainable = [p for p in model.engine_module.parameters() if p.requires_grad]
+    deltas = [
+        n for n, p in model.engine_module.named_parameters() if p.requires_grad and "trainable_tokens" in n
+    ]
+    assert len(deltas) == 1
+    assert {id(p) for p in trainable} - expected == {id(model.engine_module.get_parameter(deltas[0]))}
+    embed_weight = language.embed_tokens.base_layer.weight
+    assert not embed_weight.requires_grad
+    before = embed_weight.detach().clone()
+    norm_before = language.norm.weight.detach().clone()
+
+    batch = _noisy_batch(model, seed=2)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    out = _loss(model, batch, _vision(model, batch))
+    out.loss.backward()
+    optimizer.step()
+    assert torch.equal(embed_weight, before)
+    assert not torch.equal(language.norm.weight, norm_before)
+    # Export merges the trained mask row into a stock full model.
+    merged = model.peft_model.merge_and_unload()
+    moved = (merged.get_input_embeddings().weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [model.mask_token_id]
+
+
 def test_trainable_merger_runs_on_text_only_batches(tiny_model_dir: Path) -> None:
     model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, train_merger=True, lora_dropout=0.0)
     assert model.engine_module.visual is not None
@@ -402,7 +432,8 @@ def test_complementary_batch_runs_with_repeated_vision(mdlm: MDLMModel) -> None:
 
 
 def test_sparse_trainable_tokens_equal_stock_peft(tiny_model_dir: Path) -> None:
-    """The sparse <|mask|>-row forward gives stock PEFT's outputs and gradients, embedding and tied head."""
+    """The sparse <|mask|>-row forward gives stock PEFT's embedding outputs and gradients, and its
+    head logits everywhere but in the never-predicted <|mask|> column."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32)
@@ -425,7 +456,10 @@ def test_sparse_trainable_tokens_equal_stock_peft(tiny_model_dir: Path) -> None:
             out = forward(x, adapters)
             out.square().sum().backward()
             outputs[name, kind] = (out.detach(), delta.grad.clone())
-    for name in ("embed", "head"):
-        torch.testing.assert_close(outputs[name, "sparse"][0], outputs[name, "stock"][0])
-        torch.testing.assert_close(outputs[name, "sparse"][1], outputs[name, "stock"][1])
+    torch.testing.assert_close(outputs["embed", "sparse"][0], outputs["embed", "stock"][0])
+    torch.testing.assert_close(outputs["embed", "sparse"][1], outputs["embed", "stock"][1])
+    # The head differs only in the <|mask|> column, which is never predicted.
+    keep = torch.arange(outputs["head", "stock"][0].shape[-1]) != mask_id
+    torch.testing.assert_close(outputs["head", "sparse"][0][:, keep], outputs["head", "stock"][0][:, keep])
+    assert outputs["head", "sparse"][1].abs().sum() == 0  # no gradient reaches the delta from the head
     assert not torch.equal(outputs["embed", "sparse"][0][0, 1], embed.base_layer.weight[mask_id])
