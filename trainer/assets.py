@@ -304,7 +304,8 @@ def tiny_config(
         "initializer_range": initializer_range,
         "bos_token_id": 151_643,
         "eos_token_id": 151_645,
-        "pad_token_id": 151_643,
+        # No pad_token_id, as in the published configs: nn.Embedding would zero that row (and with
+        # tied weights its logit), so <|endoftext|> could never be predicted.
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 5_000_000.0,

@@ -146,9 +146,12 @@ def nelbo_eval(
             real = step < num_local
             batch = batches[min(step, num_local - 1)].to(device)
             weight = 1.0 if real else 0.0
-            vision = None
-            if batch.pixel_values is not None:
-                vision = model.vision_features(batch.pixel_values, batch.image_grid_thw)
+            vision_kwargs: dict[str, Any] = {}
+            if model.language.visual is not None:
+                # The vision tower is trained inside the engine: it encodes the pixels itself.
+                vision_kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
+            elif batch.pixel_values is not None:
+                vision_kwargs = {"vision": model.vision_features(batch.pixel_values, batch.image_grid_thw)}
             answer_BL = batch.answer_mask.bool() & (batch.seq_ids >= 0)
             u_BL = fixed_uniforms(batch.answer_mask, batch.seq_ids, batch.keys, seed)
             if real:
@@ -160,7 +163,7 @@ def nelbo_eval(
                 noisy_BL = torch.where(
                     masked_BL, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids
                 )
-                hidden_BLH = language(noisy_BL, batch.position_ids, batch.seq_ids, vision)
+                hidden_BLH = language(noisy_BL, batch.position_ids, batch.seq_ids, **vision_kwargs)
                 rows_M, cols_M, source_M = gather_source_positions(
                     masked_BL, shift=shift, seq_ids_BL=batch.seq_ids
                 )

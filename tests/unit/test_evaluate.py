@@ -139,3 +139,17 @@ def test_nelbo_eval_restores_train_mode_and_rejects_bad_t(samples: list[LoadedSa
         model.language.eval()
     with pytest.raises(ValueError, match="every t must lie"):
         nelbo_eval(model, batches, mask_token_id=model.mask_token_id, t_grid=(0.0,))
+
+
+def test_nelbo_with_the_vision_merger_inside_the_engine(
+    tiny_model_dir: Path, samples: list[LoadedSample]
+) -> None:
+    """--freeze_merger False: the engine module encodes pixels itself; evaluation passes them in."""
+    from trainer.model import build_mdlm_model
+
+    trained = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, train_merger=True)
+    assert trained.language.visual is not None
+    pad = trained.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    batches = _batches(samples, [[[0, 1], [2, 3]]], pad)
+    result = nelbo_eval(trained, batches, mask_token_id=trained.mask_token_id)
+    assert math.isfinite(result["nelbo"]) and result["num_samples"] == 4
