@@ -23,8 +23,8 @@ def test_short_demo_learns_above_chance(tmp_path: Path) -> None:
         num_train=3000,
         num_test=48,
         tasks="colour_en",
-        train_seconds=150,
-        eval_every=1000,
+        train_seconds=90,
+        eval_every=100,
     )
     report = run_demo(config)
     out = Path(config.output)
