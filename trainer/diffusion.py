@@ -281,10 +281,12 @@ def masked_cross_entropy(
     grad enabled) each chunk's [chunk, V] logits are recomputed in backward instead of kept, so at
     most one chunk of logits is alive.
     """
+    if hidden_MH.shape[0] == 0:
+        # No call here: masked_diffusion_loss calls the head once on a real position instead, so
+        # a rank with nothing masked still runs (and back-propagates through) it like the others.
+        return hidden_MH.new_zeros(0, dtype=torch.float32)
     pieces = []
-    # At least one call, also with nothing masked: under ZeRO-3 every rank must run the LM head
-    # (and its recompute) the same number of times, or the parameter gathers fall out of step.
-    for start in range(0, max(hidden_MH.shape[0], 1), chunk_size):
+    for start in range(0, hidden_MH.shape[0], chunk_size):
         h_CH = hidden_MH[start : start + chunk_size]
         y_C = targets_M[start : start + chunk_size]
         if checkpoint_chunks and torch.is_grad_enabled() and h_CH.requires_grad:

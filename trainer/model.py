@@ -329,6 +329,7 @@ class MDLMLanguageModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         chunk_size: int = 1024,
+        checkpoint_chunks: bool = True,
     ) -> torch.Tensor | MDLMOutput:
         """Hidden states [B, L, H], or with targets the MDLM loss (:class:`MDLMOutput`).
 
@@ -363,6 +364,7 @@ class MDLMLanguageModel(nn.Module):
             seq_ids_BL=seq_ids,
             shift=shift,
             chunk_size=chunk_size,
+            checkpoint_chunks=checkpoint_chunks,
         )
         return MDLMOutput(
             loss=result.loss,

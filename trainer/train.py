@@ -387,7 +387,9 @@ def train_step(
         chunk_size = config.diffusion.ce_chunk_size
         if zero3:
             # ZeRO-3 gathers lm_head's weight on every call, so every rank must call it equally
-            # often: one chunk as wide as the largest masked count of any rank.
+            # often: one chunk as wide as the largest masked count of any rank. Its logits are kept
+            # for backward (no recompute): ZeRO-3 does not re-gather the weight inside a
+            # torch.utils.checkpoint recompute.
             (max_masked,) = distributed.all_reduce_max([float(noisy.masked.sum())])
             chunk_size = max(1, int(max_masked))
         # The loss is computed inside the engine's forward: under ZeRO-3 the tied LM head and the
@@ -406,6 +408,7 @@ def train_step(
             cu_seqlens=batch.cu_seqlens,
             max_seqlen=batch.max_seqlen,
             chunk_size=chunk_size,
+            checkpoint_chunks=not zero3,
             **vision_kwargs,
         )
         # A non-finite loss gives non-finite gradients: DeepSpeed then skips the update on every
