@@ -36,6 +36,7 @@ from trainer.sampling import (
     GenerationConfig,
     Prompt,
     SpecialTokens,
+    add_model_arguments,
     decode_generations,
     generate,
     load_model,
@@ -507,10 +508,7 @@ def main(argv: list[str]) -> int:
         description="Evaluate a model on held-out shards: generation metrics (exact match, ANLS, relaxed "
         "accuracy) and the NELBO per answer token; per-task accuracy and chance for synthetic shards.",
     )
-    parser.add_argument("--model", required=True, help="Qwen3-VL folder or hub id (the base model)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--adapter", help="exported PEFT adapter folder")
-    source.add_argument("--checkpoint", help="trainer checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="held-out shard set (a DIR with test/ uses DIR/test)")
     parser.add_argument("--limit", type=int, default=0, help="first N samples (0 = all)")
     parser.add_argument("--metric", default="auto", help="auto | exact_match | anls | relaxed_accuracy")

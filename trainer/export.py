@@ -50,7 +50,7 @@ def load_trained_model(
 
     ``base`` overrides the model path stored in the run config (a moved model folder).
     """
-    from trainer.model import build_mdlm_model
+    from trainer.train import build_model
 
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
@@ -59,19 +59,7 @@ def load_trained_model(
             f"{str(ckpt_dir)!r} is not a committed checkpoint of this trainer (no trainer_state.json)"
         )
     config = load_config(None, _flatten(state["config"]) | ({"model.name_or_path": base} if base else {}))
-    model = build_mdlm_model(
-        config.model.name_or_path,
-        dtype=dtype,
-        attn_implementation="sdpa",
-        use_lora=config.lora.enabled,
-        lora_r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        train_vision=not config.model.freeze_vision,
-        train_merger=not config.model.freeze_merger,
-        train_embeddings=config.model.train_embeddings,
-    )
+    model = build_model(config, dtype, "sdpa")
     weights = load_trainable_state(ckpt_dir)
     params = dict(model.engine_module.named_parameters())
     unknown = sorted(set(weights) - set(params))

@@ -427,16 +427,21 @@ def decode_generations(tokenizer: Any, generations: Sequence[Generation]) -> Non
         generation.text = tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` and one of `--adapter` / `--checkpoint`: what `load_model` takes (generate, evaluate)."""
+    parser.add_argument("--model", required=True, help="Qwen3-VL folder or hub id (the base model)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--adapter", help="exported PEFT adapter folder (python -m trainer export)")
+    source.add_argument("--checkpoint", help="trainer checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer generate",
         description="Answer questions about images with MDLM sampling (semi-autoregressive blocks, "
         "low-confidence or random remasking).",
     )
-    parser.add_argument("--model", required=True, help="Qwen3-VL folder or hub id (the base model)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--adapter", help="exported PEFT adapter folder (python -m trainer export)")
-    source.add_argument("--checkpoint", help="trainer checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
+    add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--prompt", action="append", default=[], help="question (repeat: one batch)")
     parser.add_argument(

@@ -251,14 +251,14 @@ def _torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def build_model(config: TrainConfig, precision: str, cuda: bool) -> Any:
-    """The assembled ``MDLMModel`` (trainer.model) as the config asks."""
+def build_model(config: TrainConfig, dtype: torch.dtype, attn_implementation: str) -> Any:
+    """The assembled ``MDLMModel`` (trainer.model) as the config asks (training and export)."""
     from trainer.model import build_mdlm_model
 
     return build_mdlm_model(
         config.model.name_or_path,
-        dtype=_torch_dtype(precision),
-        attn_implementation=resolve_attention(config.model.attn_implementation, cuda),
+        dtype=dtype,
+        attn_implementation=attn_implementation,
         use_lora=config.lora.enabled,
         lora_r=config.lora.r,
         lora_alpha=config.lora.alpha,
@@ -495,7 +495,9 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
 
     # Same initial adapter weights on every rank (DeepSpeed also broadcasts them).
     torch.manual_seed(config.seed)
-    model = build_model(config, precision, cuda)
+    model = build_model(
+        config, _torch_dtype(precision), resolve_attention(config.model.attn_implementation, cuda)
+    )
     model.base_model.to(info.device)
     engine_module = model.engine_module
     trainable = [p for p in engine_module.parameters() if p.requires_grad]
