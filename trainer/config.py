@@ -96,7 +96,7 @@ class DataConfig:
     packing: bool = True
     """Pack several samples into one row with block-diagonal attention."""
     num_workers: int = 2
-    """Background reader threads per rank."""
+    """DataLoader worker processes per rank (reading, image decoding, collation; 0 = in the main process)."""
 
 
 @dataclass
