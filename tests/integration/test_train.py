@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -115,14 +116,16 @@ def test_zero3_lora_kill9_then_resume_equals_uninterrupted(
         "--lora",
         "True",
     ]
-    base += ["--learning_rate", "1e-2", "--max_steps", "6", "--save_steps", "2"]
+    base += ["--learning_rate", "1e-2", "--max_steps", "6", "--save_steps", "2", "--eval.every", "3"]
     run_cmd(torchrun_cmd(2, base))
     reference = losses_by_step(tmp_path / "ref")
     assert sorted(reference) == list(range(1, 7))
-    ce = [
-        json.loads(line)["ce_per_masked"]
-        for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    # Held-out NELBO and masked accuracy under ZeRO-3 (the LM head is gathered outside forward).
+    assert [r["step"] for r in evals] == [3, 6] and all(math.isfinite(r["nelbo"]) for r in evals)
+    assert all(0.0 <= r["masked_accuracy@1"] <= 1.0 for r in evals)
+    ce = [r["ce_per_masked"] for r in records if r.get("kind") != "eval"]
     assert sum(ce[-2:]) < sum(ce[:2]), ce  # LoRA under ZeRO-3 learns too
 
     out = tmp_path / "killed"
