@@ -15,7 +15,7 @@ import sys
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from trainer.assets import build_qwen_tokenizer
+from trainer.assets import build_qwen_tokenizer, qwen3_vl_config
 from trainer.model import assemble_mdlm_model
 
 # Published sizes: (text hidden, layers, q heads, kv heads, intermediate, tied,
@@ -26,7 +26,7 @@ SIZES: dict[str, tuple[int, int, int, int, int, bool, int, int, int, int, list[i
 }
 
 
-def qwen3_vl_config(name: str) -> Qwen3VLConfig:
+def published_config(name: str) -> Qwen3VLConfig:
     """The published config of ``name`` (a key of :data:`SIZES`)."""
     hidden, layers, heads, kv_heads, inter, tied, v_depth, v_hidden, v_inter, v_heads, deepstack = SIZES[name]
     text_config = {
@@ -63,21 +63,13 @@ def qwen3_vl_config(name: str) -> Qwen3VLConfig:
         "deepstack_visual_indexes": deepstack,
         "hidden_act": "gelu_pytorch_tanh",
     }
-    return Qwen3VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=151_655,
-        video_token_id=151_656,
-        vision_start_token_id=151_652,
-        vision_end_token_id=151_653,
-        tie_word_embeddings=tied,
-    )
+    return qwen3_vl_config(text_config, vision_config, tie_word_embeddings=tied)
 
 
 def count(name: str, lora_r: int = 16) -> dict[str, int]:
     """Language-model, vision and trainable parameter counts of ``name`` assembled for MDLM training."""
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(qwen3_vl_config(name))
+        model = Qwen3VLForConditionalGeneration(published_config(name))
     mdlm = assemble_mdlm_model(model, build_qwen_tokenizer(), lora_r=lora_r, lora_alpha=2 * lora_r)
     return mdlm.parameter_counts()
 

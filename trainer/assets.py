@@ -328,6 +328,13 @@ def tiny_config(
         "hidden_act": "gelu_pytorch_tanh",
         "initializer_range": 0.02,
     }
+    return qwen3_vl_config(text_config, vision_config, tie_word_embeddings=True)
+
+
+def qwen3_vl_config(
+    text_config: dict[str, object], vision_config: dict[str, object], *, tie_word_embeddings: bool
+) -> Qwen3VLConfig:
+    """A ``Qwen3VLConfig`` of the given text and vision parts with Qwen's real vision token ids."""
     return Qwen3VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -335,7 +342,7 @@ def tiny_config(
         video_token_id=151_656,
         vision_start_token_id=151_652,
         vision_end_token_id=151_653,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
