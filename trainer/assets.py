@@ -352,13 +352,28 @@ def build_tiny_model(*, seed: int = 0, **shape: float) -> Qwen3VLForConditionalG
     return Qwen3VLForConditionalGeneration(tiny_config(**shape)).eval()
 
 
-def make_tiny(out_dir: str | Path, *, seed: int = 0, **shape: float) -> Path:
-    """Write a tiny random Qwen3-VL folder (seeded: the same seed gives the same weights)."""
+def make_tiny(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    **shape: float,
+) -> Path:
+    """Write a tiny random Qwen3-VL folder (seeded: the same seed gives the same weights).
+
+    ``min_pixels``/``max_pixels`` set the image processor's resize range (default Qwen3-VL's): the
+    range the model's images are trained at, which `generate` and `data_tools build` then use."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_model(seed=seed, **shape).save_pretrained(out, safe_serialization=True)
     build_qwen_tokenizer().save_pretrained(out)
-    build_image_processor().save_pretrained(out)
+    size = dict(QWEN3_VL_IMAGE_PROCESSOR["size"])
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    build_image_processor(size=size).save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE, encoding="utf-8")
     return out
 

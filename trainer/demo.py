@@ -208,7 +208,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the whole demo; returns the report written to `OUT/report.json`."""
     import torch
 
-    from data_tools.synth import synthesize
+    from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS, synthesize
     from trainer.assets import load_processor, make_tiny
     from trainer.evaluate import evaluate_shards, format_table
     from trainer.sampling import load_model
@@ -223,7 +223,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
 
     _log("1/5 tiny model")
-    model_dir = make_tiny(out / "tiny-model", seed=config.seed, **TINY_SHAPE)
+    # The model's image processor resizes to the synthetic images' range, so `generate` on the
+    # trained model sees images as training did (4 tokens, not Qwen's 64-token minimum).
+    model_dir = make_tiny(
+        out / "tiny-model",
+        seed=config.seed,
+        min_pixels=SYNTH_MIN_PIXELS,
+        max_pixels=SYNTH_MAX_PIXELS,
+        **TINY_SHAPE,
+    )
     _log("2/5 synthetic shards")
     shards = out / "shards"
     synthesize(

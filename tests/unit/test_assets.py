@@ -123,3 +123,14 @@ def test_make_tiny_round_trip(tmp_path: Path) -> None:
     again = make_tiny(tmp_path / "again", seed=3)
     digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (out, again)]
     assert digest[0] == digest[1]
+
+
+def test_make_tiny_image_processor_range(tmp_path: Path) -> None:
+    """The folder's resize range is what the processor applies (generate, data_tools defaults)."""
+    out = make_tiny(tmp_path / "small-images", min_pixels=64 * 64, max_pixels=128 * 128)
+    processor = load_processor(out)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}], tokenize=False
+    )
+    batch = processor(text=[text], images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt")
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]  # kept at 64x64, not raised to 65,536 px
