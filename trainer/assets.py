@@ -396,11 +396,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--initializer-range", type=float, default=0.02, help="std of the random text weights"
     )
+    parser.add_argument("--min-pixels", type=int, default=None, help="image resize floor (default 65536)")
+    parser.add_argument("--max-pixels", type=int, default=None, help="image resize cap (default 16777216)")
     args = parser.parse_args(argv)
     try:
         out = make_tiny(
             args.out_dir,
             seed=args.seed,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
             hidden_size=args.hidden_size,
             num_layers=args.num_layers,
             num_heads=args.num_heads,
