@@ -7,6 +7,8 @@ Layout of ``OUTPUT_DIR/checkpoints/``::
       trainable.safetensors     the trainable weights (LoRA + mask row, or the whole LM), gathered
       trainer_state.json        written LAST by rank 0: the commit record (step, data position,
                                 config hash, manifest of every file with its size)
+      universal/                the engine state in DeepSpeed's world-size-free format, made
+                                when a run first resumes from this checkpoint at another world size
     latest                      pointer to the newest committed tag (DeepSpeed's own format)
 
 A checkpoint counts only once ``trainer_state.json`` exists and every file in its manifest has the
@@ -27,6 +29,7 @@ import torch
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 POINTER_FILE = "latest"
+UNIVERSAL_DIR = "universal"
 TAG_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -225,18 +228,97 @@ def save(
     return root / tag
 
 
-def load(engine: Any, ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load engine, optimizer and scheduler state from a committed checkpoint; return the trainer state."""
+def load(engine: Any, ckpt_dir: str | os.PathLike[str], is_main: bool) -> dict[str, Any]:
+    """Load engine, optimizer and scheduler state from a committed checkpoint; return the trainer state.
+
+    A checkpoint written at another data-parallel world size is loaded through DeepSpeed's universal
+    checkpoint (the engine must have been built with ``checkpoint.load_universal``; see
+    :func:`needs_universal`): rank 0 converts it once into ``CKPT/universal/`` while the others wait.
+    """
+    from trainer.distributed import barrier
+
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     if state is None:
         raise ResumeError(f"checkpoint {str(ckpt_dir)!r} is damaged or half-written; pass an earlier one")
+    load_dir, tag = ckpt_dir.parent, ckpt_dir.name
+    if engine.load_universal_checkpoint():
+        if is_main:
+            convert_to_universal(ckpt_dir)
+        # The converted files must exist before any rank reads them.
+        barrier()
+        load_dir, tag = ckpt_dir, UNIVERSAL_DIR
     load_path, _ = engine.load_checkpoint(
-        str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {str(ckpt_dir)!r}; pass an earlier checkpoint")
+    release_gathered_parameters(engine)
     return state
+
+
+def release_gathered_parameters(engine: Any) -> None:
+    """Return a ZeRO-3 engine to the partition state of a fresh one (every parameter released).
+
+    ZeRO-3 learns which parameters a module reads from other modules (PEFT's trainable-token delta,
+    LoRA A weights read for their dtype) only by catching an access to a *released* parameter during
+    the first forwards, and freezes its fetch trace after them. ``load_checkpoint`` ends by gathering
+    the persistent (small) parameters, so a resumed run would record a trace without those reads;
+    the next save releases them, the reads reappear and the frozen trace no longer matches
+    ("tracing error ... parameter fetch queue"). See docs/CONTRACTS.md, ZeRO-3 resume.
+    """
+    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        engine.empty_partition_cache()
+
+
+def needs_universal(state: dict[str, Any], world_size: int) -> bool:
+    """Whether a checkpoint's engine state must go through the universal format at ``world_size``.
+
+    DeepSpeed partitions optimizer state (ZeRO-1/2/3) and parameters (ZeRO-3) by data-parallel rank,
+    so its own files load only at the world size that wrote them.
+    """
+    return int(state.get("world_size", world_size)) != world_size
+
+
+def convert_to_universal(ckpt_dir: Path) -> Path:
+    """``CKPT/universal/``: the engine state of ``ckpt_dir`` in DeepSpeed's world-size-free format.
+
+    Converted once (DeepSpeed's own ``ds_to_universal``) into a temporary folder that is renamed when
+    complete, so an interrupted conversion is redone, never half-read.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = ckpt_dir / UNIVERSAL_DIR
+    if (out / "zero").is_dir():
+        return out
+    tmp = ckpt_dir / f".{UNIVERSAL_DIR}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt_dir),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            ds_to_universal(args)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ResumeError(
+            f"converting {str(ckpt_dir)!r} for a resume at another world size failed ({exc}); "
+            "resume with the world size that wrote it"
+        ) from exc
+    os.replace(tmp, out)
+    _fsync_dir(ckpt_dir)
+    return out
 
 
 def load_trainable_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

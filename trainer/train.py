@@ -352,14 +352,17 @@ def train_step(
     (global_answers,) = distributed.all_reduce_sum([sum(mb.num_answer_tokens for mb in micro_batches)])
     # DeepSpeed averages gradients over ranks: scale each rank's share back up by the world size.
     normaliser = max(global_answers, 1.0) / info.world_size
-    # Dropout (LoRA) draws from the global RNG: reseed per step and rank so a resumed run is exact.
-    torch.manual_seed(_derived_seed(config.seed, step, info.rank, 1))
     train_vision = not (config.model.freeze_vision and config.model.freeze_merger)
     sums = [0.0] * 9  # weighted CE, CE, masked, non-finite, tokens, samples, t sum, t count, sum n^2
     vision_tokens = 0
     for index, batch in enumerate(micro_batches):
         batch = batch.to(info.device)
-        generator = torch.Generator().manual_seed(_derived_seed(config.seed, step, info.rank, 2, index))
+        # Noise and dropout are keyed by the micro-batch's place in the global step (the plan puts
+        # micro-batch m of rank r at r * grad_accum + m), never by the rank alone: a resumed run is
+        # exact, also at another world size with the same micro-batch size.
+        global_index = info.rank * len(micro_batches) + index
+        torch.manual_seed(_derived_seed(config.seed, step, global_index, 1))
+        generator = torch.Generator().manual_seed(_derived_seed(config.seed, step, global_index, 2))
         t_BS = sample_sequence_t(
             batch.seq_ids,
             eps=config.diffusion.eps,
@@ -458,8 +461,35 @@ def _prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
     resume_dir = ckpt.find_resume(config.output_dir, config.checkpoint.resume)
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    ds_config = build_deepspeed_config(config, distributed.env_world_size(), cuda=cuda, bf16_supported=bf16)
+    world_size = distributed.env_world_size()
+    ds_config = build_deepspeed_config(config, world_size, cuda=cuda, bf16_supported=bf16)
+    if resume_dir is not None:
+        check_resume_geometry(resume_dir, config, ds_config, world_size)
     return resume_dir, ds_config
+
+
+def check_resume_geometry(
+    resume_dir: Path, config: TrainConfig, ds_config: dict[str, Any], world_size: int
+) -> None:
+    """Refuse a resume whose batch or ZeRO stage changed; route another world size to the universal load."""
+    state = ckpt.read_state(resume_dir)
+    assert state is not None  # find_resume returns committed checkpoints only
+    saved_batch = state.get("global_batch_size")
+    new_batch = global_batch_size(config, world_size)
+    if saved_batch is not None and int(saved_batch) != new_batch:
+        raise ckpt.ResumeError(
+            f"{resume_dir} was trained with a global batch of {saved_batch} rows, this run has {new_batch} "
+            f"(micro batch * grad accum * {world_size} ranks); keep the global batch to resume, e.g. "
+            "--gradient_accumulation_steps or schedule.global_batch_size"
+        )
+    saved_stage, stage = state.get("zero_stage"), zero_stage(ds_config)
+    if saved_stage is not None and int(saved_stage) != stage:
+        raise ckpt.ResumeError(
+            f"{resume_dir} was trained with ZeRO-{saved_stage}, this run uses ZeRO-{stage}; "
+            "resume with the same --deepspeed config"
+        )
+    if ckpt.needs_universal(state, world_size):
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
 def run(config: TrainConfig) -> TrainResult:
@@ -553,7 +583,7 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
     skipped_steps = consecutive_skips = 0
     if resume_dir is not None:
         assert resume_state is not None
-        ckpt.load(engine, resume_dir)
+        ckpt.load(engine, resume_dir, info.is_main)
         step = int(resume_state["step"])
         skipped_steps = int(resume_state.get("skipped_steps", 0))
         if info.is_main and resume_state.get("config_hash") != config_hash(config):
