@@ -137,6 +137,9 @@ class ScheduleConfig:
     """Final learning rate as a fraction of the peak (cosine / linear)."""
     time_limit_s: float = 0.0
     """Wall-clock limit; when reached, all ranks checkpoint and exit 0 (0 = none)."""
+    exit_after_steps: int = 0
+    """Checkpoint and exit 0 after this many optimizer steps of this launch, the schedule still
+    spanning the whole run (Megatron's ``--exit-interval``; for chains of short jobs). 0 = never."""
     max_consecutive_skips: int = 5
     """Stop with an error after this many non-finite steps in a row."""
 
@@ -522,6 +525,7 @@ def validate(config: TrainConfig) -> None:
         "schedule.max_steps": s.max_steps,
         "schedule.global_batch_size": s.global_batch_size,
         "schedule.warmup_steps": s.warmup_steps,
+        "schedule.exit_after_steps": s.exit_after_steps,
         "checkpoint.save_every": config.checkpoint.save_every,
         "checkpoint.keep_last": config.checkpoint.keep_last,
         "eval.every": config.eval.every,
@@ -602,6 +606,7 @@ def config_hash(config: TrainConfig) -> str:
     data.pop("output_dir", None)
     data["logging"] = {}
     data["schedule"].pop("time_limit_s", None)
+    data["schedule"].pop("exit_after_steps", None)
     text = json.dumps(data, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -583,6 +583,12 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
     skipped_steps = consecutive_skips = 0
     if resume_dir is not None:
         assert resume_state is not None
+        if info.is_main and ckpt.needs_universal(resume_state, info.world_size):
+            print(
+                f"train: resuming {resume_dir} (written by {resume_state['world_size']} ranks) at world size "
+                f"{info.world_size} through DeepSpeed's universal checkpoint",
+                file=sys.stderr,
+            )
         ckpt.load(engine, resume_dir, info.is_main)
         step = int(resume_state["step"])
         skipped_steps = int(resume_state.get("skipped_steps", 0))
@@ -654,6 +660,7 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
         progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     result = TrainResult(step=step)
+    launch_start_step = step
     last_saved = step if resume_dir is not None else -1
     start = time.perf_counter()
     interval = {"time": 0.0, "wait": 0.0, "tokens": 0, "samples": 0, "flops": 0.0}
@@ -664,6 +671,7 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
             t0 = time.perf_counter()
             item = next(data_iter)  # the plan is endless and equal on every rank: no rank runs dry
             t1 = time.perf_counter()
+            lr = float(scheduler.get_last_lr()[0])  # the rate this step's update uses
             stats = train_step(engine, model, item.micro_batches, step, config, info, fm, zero3)
             step += 1
             t2 = time.perf_counter()
@@ -692,7 +700,7 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
                     "epoch": item.epoch,
                     "loss": stats.loss,
                     "ce_per_masked": stats.ce_per_masked,
-                    "lr": float(scheduler.get_last_lr()[0]),
+                    "lr": lr,
                     "grad_norm": stats.grad_norm if math.isfinite(stats.grad_norm) else None,
                     "tokens_per_s": interval["tokens"] / seconds,
                     "tokens_per_s_per_device": interval["tokens"] / seconds / info.world_size,
@@ -722,19 +730,28 @@ def _train(config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | No
             if config.checkpoint.save_every and step % config.checkpoint.save_every == 0:
                 result.last_checkpoint = str(save())
                 last_saved = step
-            # Stop signals and the time limit: every rank checkpoints and leaves at the same step.
+            # Stop signals and the limits: every rank checkpoints and leaves at the same step.
             timed_out = (
                 bool(config.schedule.time_limit_s)
                 and time.perf_counter() - start >= config.schedule.time_limit_s
             )
-            (stop_now,) = distributed.agree_any(stop.received is not None or timed_out)
+            steps_done = bool(config.schedule.exit_after_steps) and (
+                step - launch_start_step >= config.schedule.exit_after_steps
+            )
+            (stop_now,) = distributed.agree_any(stop.received is not None or timed_out or steps_done)
             if stop_now and step < total_steps:
                 if last_saved != step:
                     result.last_checkpoint = str(save())
                     last_saved = step
                 result.stopped_early = True
                 if info.is_main:
-                    why = "signal" if stop.received is not None else "time limit"
+                    why = (
+                        "signal"
+                        if stop.received is not None
+                        else "time limit"
+                        if timed_out
+                        else "schedule.exit_after_steps"
+                    )
                     print(
                         f"train: stopped by {why} at step {step}; resume with --resume auto", file=sys.stderr
                     )

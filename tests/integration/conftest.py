@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from launch_helpers import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,14 +61,6 @@ def build_mixed_shards(out: Path, model_dir: Path, num_image: int, num_text: int
 def mixed_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A shard directory with `train/` (48 image + 24 text-only samples) and `test/` (12 + 6)."""
     return build_mixed_shards(tmp_path_factory.mktemp("mixed-shards"), tiny_model_dir, 48, 24, 12)
-
-
-def child_env() -> dict[str, str]:
-    """Environment of launched ranks: one thread each, offline, repo importable."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.fixture

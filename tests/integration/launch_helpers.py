@@ -1,0 +1,51 @@
+"""Command lines and metrics readers shared by the integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child_env() -> dict[str, str]:
+    """Environment of launched ranks: one thread each, offline, repo importable."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    """`torchrun --nproc_per_node N -m trainer train ARGS` on a private port."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "trainer", "train", *args,
+    ]  # fmt: skip
+
+
+def common_args(model: Path, shards: Path, out: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--dataset_args", str(shards), "--output_dir", str(out),
+        "--data.max_tokens", "56", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+        "--data.num_workers", "0", "--logging.progress", "false", "--logging.log_every", "1",
+        "--logging.tensorboard", "false", "--eval.at_end", "false", "--lr_scheduler_type", "constant",
+        "--seed", "6",
+    ]  # fmt: skip
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run appends to the same file)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("kind") != "eval"}

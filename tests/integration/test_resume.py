@@ -1,0 +1,244 @@
+"""Resumes that must equal an uninterrupted run: ZeRO-3 + LoRA across saves and evaluations, and
+resumes at another world size (2 ranks -> 1 and 1 -> 2) for ZeRO-2 and ZeRO-3, LoRA and full LM.
+
+Every run uses a warmup + cosine schedule, evaluates in the middle and at the end, and compares
+losses, learning rates and held-out NELBO with the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from launch_helpers import child_env, common_args, torchrun_cmd
+
+from trainer.checkpoint import STATE_FILE, UNIVERSAL_DIR, WEIGHTS_FILE, checkpoint_root, read_state
+
+RunCmd = Callable[..., subprocess.CompletedProcess[str]]
+REPO = Path(__file__).resolve().parents[2]
+TOTAL_STEPS = 12
+REL = 1e-5
+
+
+def run_args(model: Path, shards: Path, out: Path, deepspeed: str, lora: bool, ranks: int) -> list[str]:
+    """A 12-step schedule (warmup 3, cosine to 0.1) with saves every 4 steps and evaluations at 6 and 12.
+
+    The global batch is 4 rows of one micro-batch each, whatever the world size (grad accumulation
+    absorbs it), so the noise of every micro-batch is the same at 1 and 2 ranks."""
+    args = common_args(model, shards, out)
+    args[args.index("--lr_scheduler_type") + 1] = "cosine"
+    args[args.index("--gradient_accumulation_steps") + 1] = str(4 // ranks)
+    return [
+        *args, "--warmup_steps", "3", "--schedule.min_lr_ratio", "0.1", "--learning_rate", "1e-2",
+        "--deepspeed", deepspeed, "--lora", str(lora), "--save_steps", "4", "--eval.every", "6",
+        "--eval.at_end", "true", "--max_steps", str(TOTAL_STEPS),
+    ]  # fmt: skip
+
+
+def launch(ranks: int, args: list[str]) -> list[str]:
+    """One plain process for world size 1, else torchrun."""
+    if ranks == 1:
+        return [sys.executable, "-m", "trainer", "train", *args]
+    return torchrun_cmd(ranks, args)
+
+
+def records(out: Path) -> tuple[dict[int, dict[str, Any]], dict[int, float]]:
+    """The last logged train record of every step, and the held-out NELBO of every evaluation."""
+    train: dict[int, dict[str, Any]] = {}
+    nelbo: dict[int, float] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "eval":
+            nelbo[record["step"]] = record["nelbo"]
+        else:
+            train[record["step"]] = record
+    return train, nelbo
+
+
+def assert_equal_runs(resumed: Path, reference: Path, from_step: int) -> None:
+    """Loss and learning rate of every step after ``from_step`` and every NELBO equal the reference."""
+    train, nelbo = records(resumed)
+    ref_train, ref_nelbo = records(reference)
+    assert sorted(train) == list(range(1, TOTAL_STEPS + 1))
+    for step in range(from_step + 1, TOTAL_STEPS + 1):
+        for key in ("loss", "lr"):
+            assert train[step][key] == pytest.approx(ref_train[step][key], rel=REL), (step, key)
+    assert sorted(ref_nelbo) == [6, TOTAL_STEPS] and sorted(nelbo) == sorted(ref_nelbo)
+    for step, value in ref_nelbo.items():
+        assert nelbo[step] == pytest.approx(value, rel=REL), step
+    # The schedule really warms up and decays (a restarted scheduler would not match above).
+    lrs = [ref_train[s]["lr"] for s in sorted(ref_train)]
+    assert lrs[0] < lrs[1] < lrs[2] == max(lrs) and lrs[-1] < lrs[len(lrs) // 2] < max(lrs)
+
+
+def check_two_rank_run(out: Path, stdout: str) -> None:
+    """What an uninterrupted 2-rank run logs and commits, and that it learns."""
+    train, nelbo = records(out)
+    last = train[TOTAL_STEPS]
+    for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "samples_per_s", "mfu",
+                "data_wait_fraction", "peak_memory_gib", "mean_t", "skipped_steps", "skipped_samples"):  # fmt: skip
+        assert key in last, key
+    assert last["tokens_per_s"] == pytest.approx(2 * last["tokens_per_s_per_device"])
+    # The 1/t-weighted loss of a few answer tokens is noisy; the plain CE per masked token is not.
+    ce = [train[s]["ce_per_masked"] for s in sorted(train)]
+    assert sum(ce[-3:]) < sum(ce[:3]), ce
+    assert all(math.isfinite(v) for v in nelbo.values())
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["masked_accuracy@1"] <= 1.0 for r in evals if r.get("kind") == "eval")
+    assert (out / "config.yaml").is_file()
+    assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 4
+    assert "train: done" in stdout
+    # The final checkpoint holds the trainable weights gathered for export.
+    state = read_state(checkpoint_root(out) / f"step-{TOTAL_STEPS:08d}")
+    assert state is not None and state["world_size"] == 2 and state["data"]["step"] >= 0
+    assert (checkpoint_root(out) / f"step-{TOTAL_STEPS:08d}" / WEIGHTS_FILE).is_file()
+
+
+@pytest.fixture(scope="module")
+def zero3_lora_runs(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The uninterrupted 2-rank ZeRO-3 + LoRA run and a 2-rank run of its first 4 steps (same schedule)."""
+    root = tmp_path_factory.mktemp("z3-lora")
+    runs = {"reference": root / "reference", "first4": root / "first4"}
+    for name, extra in (("reference", []), ("first4", ["--schedule.exit_after_steps", "4"])):
+        args = [*run_args(tiny_model_dir, mixed_shards, runs[name], "zero3", True, 2), *extra]
+        proc = subprocess.run(
+            launch(2, args), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        if name == "reference":
+            check_two_rank_run(runs[name], proc.stdout)  # LoRA under ZeRO-3 learns, evaluates, commits
+    return runs
+
+
+def resume_copy(first4: Path, out: Path) -> Path:
+    """A fresh output folder holding the first run's committed step-4 checkpoint and metrics."""
+    shutil.copytree(first4, out)
+    assert read_state(checkpoint_root(out) / "step-00000004") is not None
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefetch", ["default", "no_prefetch"])
+def test_zero3_lora_resume_saves_and_evaluates_like_uninterrupted(
+    zero3_lora_runs: dict[str, Path], tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path,
+    run_cmd: RunCmd, prefetch: str,
+) -> None:  # fmt: skip
+    """4 steps, then a resume to 12 that saves at 8 and 12 and evaluates at 6 and 12 (the run that crashed)."""
+    deepspeed = "zero3"
+    if prefetch == "no_prefetch":
+        template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+        template["zero_optimization"]["stage3_prefetch_bucket_size"] = 0
+        (tmp_path / "zero3_no_prefetch.json").write_text(json.dumps(template))
+        deepspeed = str(tmp_path / "zero3_no_prefetch.json")
+    out = resume_copy(zero3_lora_runs["first4"], tmp_path / "resumed")
+    args = run_args(tiny_model_dir, mixed_shards, out, deepspeed, True, 2)
+    proc = run_cmd(torchrun_cmd(2, [*args, "--resume", "auto"]))
+    assert "train: done" in proc.stdout
+    assert_equal_runs(out, zero3_lora_runs["reference"], from_step=4)
+    for step in (8, 12):
+        assert read_state(checkpoint_root(out) / f"step-{step:08d}") is not None
+
+
+@pytest.mark.slow
+def test_zero3_lora_resume_two_ranks_to_one(
+    zero3_lora_runs: dict[str, Path],
+    tiny_model_dir: Path,
+    mixed_shards: Path,
+    tmp_path: Path,
+    run_cmd: RunCmd,
+) -> None:
+    out = resume_copy(zero3_lora_runs["first4"], tmp_path / "resumed")
+    args = [*run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 1), "--resume", "auto"]
+    proc = run_cmd(launch(1, [*args, "--checkpoint.keep_last", "0"]))
+    assert "(written by 2 ranks) at world size 1 through DeepSpeed's universal checkpoint" in proc.stderr
+    assert_equal_runs(out, zero3_lora_runs["reference"], from_step=4)
+    assert (checkpoint_root(out) / "step-00000004" / UNIVERSAL_DIR / "zero").is_dir()
+    assert read_state(checkpoint_root(out) / "step-00000012")["world_size"] == 1  # type: ignore[index]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("deepspeed", "lora", "ranks_before", "ranks_after", "extra"),
+    [
+        ("zero2", False, 2, 1, []),
+        ("zero3", False, 1, 2, ["--model.freeze_merger", "false"]),
+        ("zero2", True, 1, 2, []),
+    ],
+    ids=["zero2-full-2to1", "zero3-full-merger-1to2", "zero2-lora-1to2"],
+)
+def test_resume_at_another_world_size_equals_uninterrupted(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, run_cmd: RunCmd,
+    deepspeed: str, lora: bool, ranks_before: int, ranks_after: int, extra: list[str],
+) -> None:  # fmt: skip
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    args = [*run_args(tiny_model_dir, mixed_shards, reference, deepspeed, lora, ranks_before), *extra]
+    proc = run_cmd(launch(ranks_before, args))
+    if ranks_before == 2:
+        check_two_rank_run(reference, proc.stdout)
+        _, nelbo = records(reference)
+        assert nelbo[TOTAL_STEPS] < nelbo[6]  # the whole language model learns fast
+    first = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_before), *extra]
+    run_cmd(launch(ranks_before, [*first, "--schedule.exit_after_steps", "4"]))
+    after = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_after), *extra]
+    run_cmd(launch(ranks_after, [*after, "--resume", "auto"]))
+    assert_equal_runs(out, reference, from_step=4)
+    state = read_state(checkpoint_root(out) / "step-00000012")
+    assert state is not None and state["world_size"] == ranks_after
+
+
+@pytest.mark.slow
+def test_zero3_lora_kill9_mid_run_then_resume_equals_uninterrupted(
+    zero3_lora_runs: dict[str, Path],
+    tiny_model_dir: Path,
+    mixed_shards: Path,
+    tmp_path: Path,
+    run_cmd: RunCmd,
+) -> None:
+    """kill -9 of every rank between saves; a newer half-written checkpoint is ignored on resume."""
+    out = tmp_path / "killed"
+    args = run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 2)
+    proc = subprocess.Popen(
+        launch(2, args), cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        # Kill once step 4 is committed and step 5 has trained: mid-run, not at a save.
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and 5 in records(out)[0]:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        # torchrun starts its ranks in process groups of their own: kill the whole tree.
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for rank in ranks:
+            rank.kill()
+        psutil.wait_procs(ranks, timeout=60)
+    finally:
+        proc.wait(timeout=60)
+    root = checkpoint_root(out)
+    committed = [p.name for p in sorted(root.iterdir()) if p.is_dir() and read_state(p) is not None]
+    assert committed and committed[-1] in ("step-00000004", "step-00000008")
+    resume_step = int(committed[-1].split("-")[1])
+    # A newer checkpoint truncated mid-write (engine files cut short, no commit record) is ignored.
+    broken = root / f"step-{resume_step + 1:08d}"
+    shutil.copytree(root / committed[-1], broken)
+    (broken / STATE_FILE).unlink()
+    for path in broken.glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:100])
+
+    run_cmd(torchrun_cmd(2, [*args, "--resume", "auto"]))
+    assert_equal_runs(out, zero3_lora_runs["reference"], from_step=resume_step)
