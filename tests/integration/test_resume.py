@@ -166,6 +166,21 @@ def test_zero3_lora_resume_two_ranks_to_one(
     assert_equal_runs(out, zero3_lora_runs["reference"], from_step=4)
     assert (checkpoint_root(out) / "step-00000004" / UNIVERSAL_DIR / "zero").is_dir()
     assert read_state(checkpoint_root(out) / "step-00000012")["world_size"] == 1  # type: ignore[index]
+    # The resumed run's checkpoint exports as a stock PEFT adapter.
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "export",
+            "--checkpoint",
+            str(out),
+            "--output",
+            str(tmp_path / "adapter"),
+        ]
+    )
+    assert "step-00000012" in proc.stdout
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
