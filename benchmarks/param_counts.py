@@ -16,6 +16,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from trainer.assets import build_qwen_tokenizer, qwen3_vl_config
+from trainer.config import LoraConfig
 from trainer.model import assemble_mdlm_model
 
 # Published sizes: (text hidden, layers, q heads, kv heads, intermediate, tied,
@@ -70,7 +71,7 @@ def count(name: str, lora_r: int = 16) -> dict[str, int]:
     """Language-model, vision and trainable parameter counts of ``name`` assembled for MDLM training."""
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(published_config(name))
-    mdlm = assemble_mdlm_model(model, build_qwen_tokenizer(), lora_r=lora_r, lora_alpha=2 * lora_r)
+    mdlm = assemble_mdlm_model(model, build_qwen_tokenizer(), lora=LoraConfig(r=lora_r, alpha=2 * lora_r))
     return mdlm.parameter_counts()
 
 

@@ -8,7 +8,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("trainer.assets", "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer"),
     "plan": ("trainer.data", "Print the epoch plan (packs per rank and step) computed from index.json"),
-    "train": ("trainer.train", "Train with DeepSpeed (python, deepspeed or torchrun launchers)"),
+    "train": ("trainer.train_cli", "Train with DeepSpeed (python, deepspeed or torchrun launchers)"),
     "export": ("trainer.export", "Export a checkpoint as a PEFT adapter folder, optionally merged"),
     "generate": ("trainer.sampling", "Generate answers with MDLM sampling"),
     "evaluate": ("trainer.evaluate", "Evaluate on held-out shards: NELBO and generation metrics"),

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS: tuple[str, ...] = ("sdpa", "eager", "flex", "flash")
-"""Names accepted as ``backend``."""
+from trainer.attention_names import ALIASES, BACKENDS
 
 KWARG: str = "packed_attention"
 """Keyword under which the block structure reaches the attention functions."""
@@ -58,6 +57,23 @@ def flash_attn_available() -> bool:
     except Exception:  # ImportError, or an ABI/CUDA error from a broken build
         return False
     return True
+
+
+def normalize_backend(name: str) -> str:
+    """Map an attention name (``sdpa``, ``eager``, ``flex``, ``flash`` or HF spellings) to a backend."""
+    if name not in ALIASES:
+        raise ValueError(f"unknown attention implementation {name!r}: choose one of {', '.join(BACKENDS)}")
+    backend = ALIASES[name]
+    if backend == "flash" and not flash_attn_available():
+        raise ValueError("attention 'flash' needs the flash-attn package: pip install '.[flash]' or use flex")
+    return backend
+
+
+def resolve_backend(name: str, cuda: bool) -> str:
+    """``auto`` -> flash (installed, GPU) > flex (GPU) > sdpa (CPU reference); other names normalised."""
+    if name == "auto":
+        return ("flash" if flash_attn_available() else "flex") if cuda else "sdpa"
+    return normalize_backend(name)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -27,6 +27,13 @@ from typing import Any
 
 import yaml
 
+from trainer.attention_names import CONFIG_CHOICES
+
+DEFAULT_T_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+"""Midpoints of 5 equal bins of (0, 1): the NELBO quadrature (``eval.t_grid``, ``evaluate --t-grid``)."""
+DEFAULT_ACCURACY_T: tuple[float, ...] = (0.15, 0.5, 1.0)
+"""Times at which masked-token accuracy is reported (``eval.accuracy_t``)."""
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_TEMPLATE_DIR = REPO_ROOT / "ds_configs"
 DS_TEMPLATES = ("zero2", "zero3", "zero3_offload")
@@ -172,9 +179,9 @@ class EvalConfig:
     """Evaluate on data.test every N steps (0 = only at the end)."""
     at_end: bool = True
     """Evaluate once more when training finishes (when data.test is set)."""
-    t_grid: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    t_grid: list[float] = field(default_factory=lambda: list(DEFAULT_T_GRID))
     """Fixed t values of the NELBO estimate (fixed masks, comparable across runs)."""
-    accuracy_t: list[float] = field(default_factory=lambda: [0.15, 0.5, 1.0])
+    accuracy_t: list[float] = field(default_factory=lambda: list(DEFAULT_ACCURACY_T))
     """t values at which masked-token accuracy is reported."""
     max_samples: int = 256
     """Held-out samples used per evaluation (0 = all)."""
@@ -261,7 +268,7 @@ ALIASES: dict[str, str | None] = {
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.attn_implementation": ("auto", "flash", "flex", "sdpa", "eager"),
+    "model.attn_implementation": CONFIG_CHOICES,
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.normalizer": ("answer_tokens", "masked_tokens"),
     "schedule.lr_scheduler": ("cosine", "linear", "constant"),

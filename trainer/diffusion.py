@@ -222,6 +222,16 @@ def apply_masking(
 
 
 @dataclass
+class MaskedCE:
+    """What :func:`masked_cross_entropy` returns."""
+
+    ce: torch.Tensor
+    """[M] float32 cross-entropy per masked position."""
+    correct: torch.Tensor
+    """[M] 1.0 where the argmax (mask logit excluded) is the target, else 0.0 (no gradient)."""
+
+
+@dataclass
 class DiffusionLoss:
     """Output of :func:`masked_diffusion_loss`."""
 
@@ -260,10 +270,11 @@ def _chunk_ce(
     targets_M: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
     mask_id: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits_MV = lm_head(hidden_MH).float()
     logits_MV[:, mask_id] = float("-inf")  # the mask token is never a prediction
-    return F.cross_entropy(logits_MV, targets_M, reduction="none")
+    correct_M = (logits_MV.detach().argmax(dim=-1) == targets_M).float()
+    return F.cross_entropy(logits_MV, targets_M, reduction="none"), correct_M
 
 
 def masked_cross_entropy(
@@ -274,26 +285,39 @@ def masked_cross_entropy(
     mask_token_id: int,
     chunk_size: int = 1024,
     checkpoint_chunks: bool = True,
-) -> torch.Tensor:
-    """Per-token CE [M] of ``lm_head(hidden)`` against ``targets``, ``chunk_size`` rows at a time.
+) -> MaskedCE:
+    """Per-token CE [M] of ``lm_head(hidden)`` against ``targets`` (and whether the argmax hit it),
+    ``chunk_size`` rows at a time.
 
     ``lm_head`` is called as a module (ZeRO-3 gathers its weight). With ``checkpoint_chunks`` (and
     grad enabled) each chunk's [chunk, V] logits are recomputed in backward instead of kept, so at
-    most one chunk of logits is alive.
+    most one chunk of logits is alive. Under ZeRO-3 every rank must call the head equally often:
+    callers pass one chunk as wide as the largest masked count of any rank
+    (:func:`trainer.distributed.agreed_head_chunk`) and, on a rank with nothing masked, call
+    :func:`head_placeholder` instead.
     """
     if hidden_MH.shape[0] == 0:
-        # No call here: masked_diffusion_loss calls the head once on a real position instead, so
-        # a rank with nothing masked still runs (and back-propagates through) it like the others.
-        return hidden_MH.new_zeros(0, dtype=torch.float32)
-    pieces = []
+        empty = hidden_MH.new_zeros(0, dtype=torch.float32)
+        return MaskedCE(empty, empty)
+    ce_pieces, correct_pieces = [], []
     for start in range(0, hidden_MH.shape[0], chunk_size):
         h_CH = hidden_MH[start : start + chunk_size]
         y_C = targets_M[start : start + chunk_size]
         if checkpoint_chunks and torch.is_grad_enabled() and h_CH.requires_grad:
-            pieces.append(checkpoint(_chunk_ce, h_CH, y_C, lm_head, mask_token_id, use_reentrant=False))
+            ce_C, correct_C = checkpoint(_chunk_ce, h_CH, y_C, lm_head, mask_token_id, use_reentrant=False)
         else:
-            pieces.append(_chunk_ce(h_CH, y_C, lm_head, mask_token_id))
-    return torch.cat(pieces)
+            ce_C, correct_C = _chunk_ce(h_CH, y_C, lm_head, mask_token_id)
+        ce_pieces.append(ce_C)
+        correct_pieces.append(correct_C)
+    return MaskedCE(torch.cat(ce_pieces), torch.cat(correct_pieces))
+
+
+def head_placeholder(
+    hidden_BLH: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """An exact 0 that depends on one ``lm_head`` call: a rank with nothing masked adds it to its
+    loss so that it runs (and back-propagates through) the head as often as the other ranks."""
+    return 0.0 * lm_head(hidden_BLH[:1, :1]).float().sum()
 
 
 def masked_diffusion_loss(
@@ -337,7 +361,7 @@ def masked_diffusion_loss(
         mask_token_id=mask_token_id,
         chunk_size=chunk_size,
         checkpoint_chunks=checkpoint_chunks,
-    )
+    ).ce
     weight_M = loss_weight_BL[rows_M, cols_M].float()
     weighted_M = weight_M * ce_M
     num_masked = masked_BL.sum()
@@ -364,10 +388,8 @@ def masked_diffusion_loss(
             divisor = answer_mask_BL.bool().sum().clamp(min=1)
     if isinstance(divisor, torch.Tensor):
         divisor = divisor.to(total.device, total.dtype)
-    # The sum over zero masked tokens is an exact 0 that still depends on lm_head, so every rank
-    # runs the same modules even when its batch has nothing masked.
     if ce_M.numel() == 0:
-        total = total + 0.0 * lm_head(hidden_BLH[:1, :1]).sum()
+        total = total + head_placeholder(hidden_BLH, lm_head)
     return DiffusionLoss(
         loss=total / divisor,
         weighted_ce_sum=weighted_M.sum().detach(),

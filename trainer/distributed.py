@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,17 @@ def all_reduce_max(values: list[float]) -> list[float]:
     return [float(v) for v in tensor.tolist()]
 
 
+def agreed_head_chunk(num_masked: int) -> int:
+    """The LM-head chunk width every rank uses: the largest masked count of any rank (at least 1).
+
+    Under ZeRO-3 each ``lm_head`` call gathers its weight (a collective), so every rank must call it
+    equally often: one chunk this wide, and a placeholder call on a rank with nothing masked
+    (``trainer.diffusion.head_placeholder``). Training and evaluation both go through here.
+    """
+    (width,) = all_reduce_max([float(num_masked)])
+    return max(1, int(width))
+
+
 def agree_any(*flags: bool) -> list[bool]:
     """For each flag: True on every rank if it is True on any rank."""
     return [v > 0 for v in all_reduce_max([1.0 if f else 0.0 for f in flags])]
@@ -119,3 +131,17 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_ranks_counter(counter: Counter[str]) -> dict[str, int]:
+    """Sum a per-rank Counter of skip reasons over all ranks."""
+    local = dict(counter)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    total: dict[str, int] = {}
+    for part in gathered:
+        for reason, count in part.items():
+            total[reason] = total.get(reason, 0) + int(count)
+    return total

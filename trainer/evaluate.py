@@ -1,13 +1,5 @@
-"""Evaluation: held-out NELBO on a fixed t grid, masked-token accuracy, generation metrics.
+"""Evaluation of a trained model on held-out shards: generation metrics and NELBO.
 
-Two entry points:
-- `nelbo_eval(model, batches, ...)`: what the training loop calls every `eval.every` steps (all
-  ranks, inside or outside a DeepSpeed engine, ZeRO-2 or ZeRO-3) and what the evaluate command
-  reports. The masks are fixed: each answer token of a sample draws one uniform u from a generator
-  seeded by (seed, sample key), and it is masked at time t iff u < p_mask(t). The same sample thus
-  gets the same masks in every run, on every rank layout and with any packing, so numbers are
-  comparable across runs. NELBO per answer token is the midpoint-rule integral over the t grid of
-  sum_{masked} loss_weight(t) * CE / num_answer_tokens (the expectation of the training loss).
 - `python -m trainer evaluate` (`main`): generation metrics (exact match / ANLS / relaxed accuracy)
   and NELBO on a held-out shard set; a JSON report and a short table; per-task accuracy and chance
   for the synthetic demo shards.
@@ -17,21 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from trainer import distributed
-from trainer.diffusion import gather_source_positions, loss_weight_at, p_mask_at
+from trainer.config import DEFAULT_ACCURACY_T, DEFAULT_T_GRID
 from trainer.metrics import METRICS, exact_match, metric_for_dataset, score
+from trainer.nelbo import nelbo_eval
 from trainer.sampling import (
     GenerationConfig,
     Prompt,
@@ -41,172 +29,6 @@ from trainer.sampling import (
     generate,
     load_model,
 )
-
-DEFAULT_T_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-"""Midpoints of 5 equal bins of (0, 1): the NELBO quadrature (same as `EvalConfig.t_grid`)."""
-DEFAULT_ACCURACY_T: tuple[float, ...] = (0.15, 0.5, 1.0)
-"""Times at which masked-token accuracy is reported (same as `EvalConfig.accuracy_t`)."""
-
-
-def _sample_seed(seed: int, key: str) -> int:
-    """A stable 63-bit seed from (seed, sample key): Python's hash() is salted per process."""
-    return (zlib.crc32(f"{seed}:{key}".encode()) << 31) ^ zlib.crc32(f"{key}:{seed}".encode())
-
-
-def fixed_uniforms(
-    answer_mask_BL: torch.Tensor, seq_ids_BL: torch.Tensor, keys: Sequence[Sequence[str]], seed: int
-) -> torch.Tensor:
-    """One uniform in [0, 1) per answer token, a function of (seed, sample key, answer-token index)
-    only; 2.0 (never masked) elsewhere. Masking at t is then `u < p_mask(t)` (nested in t)."""
-    u_BL = torch.full(answer_mask_BL.shape, 2.0, dtype=torch.float32)
-    answer_BL = (answer_mask_BL.bool() & (seq_ids_BL >= 0)).cpu()
-    seq_ids_cpu = seq_ids_BL.cpu()
-    for row, row_keys in enumerate(keys):
-        for sub, key in enumerate(row_keys):
-            where_L = answer_BL[row] & (seq_ids_cpu[row] == sub)
-            count = int(where_L.sum())
-            if count:
-                generator = torch.Generator().manual_seed(_sample_seed(seed, key))
-                u_BL[row, where_L] = torch.rand(count, generator=generator)
-    return u_BL.to(answer_mask_BL.device)
-
-
-def _num_chunks_agreed(num_local: int) -> int:
-    """The largest chunk count over ranks: under ZeRO-3 every `lm_head` call gathers its weight, a
-    collective, so all ranks must call it equally often."""
-    return int(distributed.all_reduce_max([float(num_local)])[0])
-
-
-@torch.no_grad()
-def nelbo_eval(
-    model: Any,
-    batches: Iterable[Any],
-    *,
-    mask_token_id: int,
-    language: nn.Module | None = None,
-    t_grid: Sequence[float] = DEFAULT_T_GRID,
-    accuracy_t: Sequence[float] = DEFAULT_ACCURACY_T,
-    schedule: str = "linear",
-    shift: bool = False,
-    seed: int = 0,
-    chunk_size: int = 4096,
-    device: torch.device | str | None = None,
-) -> dict[str, float]:
-    """Held-out NELBO per answer token and masked-token accuracy, summed over all ranks.
-
-    Args:
-        model: the `MDLMModel` (its frozen `vision_features` runs outside the engine; its
-            `language.lm_head` is called as a module, so ZeRO-3 gathers it).
-        batches: this rank's fixed evaluation `PackedBatch`es (the same list at every call).
-        mask_token_id: id of `<|mask|>`.
-        language: the module to run the language model through: the DeepSpeed engine during
-            training, `model.language` (the default) otherwise. Put in eval mode for the call and
-            restored afterwards.
-        t_grid: the NELBO quadrature points (midpoints of equal bins of (0, 1)).
-        accuracy_t: times at which masked-token accuracy (argmax == target) is reported.
-        schedule, shift: as the training objective (`trainer.diffusion`).
-        seed: mask seed; keep it fixed to compare runs.
-        chunk_size: masked tokens per LM-head call.
-        device: where batches go (default: the language model's device).
-
-    Every rank must call this (collectives inside when torch.distributed is initialised); ranks
-    with fewer batches re-run their last one at zero weight so forward counts match.
-
-    Returns: `{"nelbo", "num_samples", "num_answer_tokens", "ce@T" for T in t_grid,
-    "masked_accuracy@T" for T in accuracy_t}` (floats), identical on every rank.
-    """
-    if not t_grid:
-        raise ValueError("nelbo_eval: t_grid is empty: give at least one t in (0, 1]")
-    if any(not 0.0 < t <= 1.0 for t in (*t_grid, *accuracy_t)):
-        raise ValueError(
-            f"nelbo_eval: every t must lie in (0, 1], got t_grid={t_grid} accuracy_t={accuracy_t}"
-        )
-    language = model.language if language is None else language
-    lm_head: nn.Module = model.language.lm_head
-    if device is None:
-        device = next(model.language.parameters()).device
-    batches = list(batches)
-    num_local = len(batches)
-    # Agree on the loop length before any forward (a rank with nothing to do cannot take part).
-    max_batches, neg_min_batches = distributed.all_reduce_max([float(num_local), float(-num_local)])
-    if -neg_min_batches < 1:
-        raise ValueError(
-            "nelbo_eval: a rank has no evaluation batch: use more held-out samples or fewer ranks"
-        )
-
-    times = sorted(set(t_grid) | set(accuracy_t))
-    index = {t: i for i, t in enumerate(times)}
-    # Per time: [weighted CE sum, CE sum, correct, masked]; then samples and answer tokens.
-    sums = [[0.0, 0.0, 0.0, 0.0] for _ in times]
-    num_samples = num_answer_tokens = 0.0
-
-    was_training = language.training
-    language.eval()  # no LoRA dropout in evaluation
-    try:
-        for step in range(int(max_batches)):
-            real = step < num_local
-            batch = batches[min(step, num_local - 1)].to(device)
-            weight = 1.0 if real else 0.0
-            vision_kwargs: dict[str, Any] = {}
-            if model.language.visual is not None:
-                # The vision tower is trained inside the engine: it encodes the pixels itself.
-                vision_kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
-            elif batch.pixel_values is not None:
-                vision_kwargs = {"vision": model.vision_features(batch.pixel_values, batch.image_grid_thw)}
-            answer_BL = batch.answer_mask.bool() & (batch.seq_ids >= 0)
-            u_BL = fixed_uniforms(batch.answer_mask, batch.seq_ids, batch.keys, seed)
-            if real:
-                num_samples += sum(len(row_keys) for row_keys in batch.keys)
-                num_answer_tokens += float(answer_BL.sum())
-            for t in times:
-                p_mask = float(p_mask_at(torch.tensor(t, dtype=torch.float64), schedule))
-                masked_BL = answer_BL & (u_BL < p_mask)
-                noisy_BL = torch.where(
-                    masked_BL, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids
-                )
-                hidden_BLH = language(noisy_BL, batch.position_ids, batch.seq_ids, **vision_kwargs)
-                rows_M, cols_M, source_M = gather_source_positions(
-                    masked_BL, shift=shift, seq_ids_BL=batch.seq_ids
-                )
-                hidden_MH = hidden_BLH[rows_M, source_M]
-                targets_M = batch.input_ids[rows_M, cols_M]
-                num_chunks = _num_chunks_agreed(math.ceil(len(targets_M) / chunk_size))
-                ce_sum = correct = 0.0
-                for chunk in range(num_chunks):
-                    h_CH = hidden_MH[chunk * chunk_size : (chunk + 1) * chunk_size]
-                    y_C = targets_M[chunk * chunk_size : (chunk + 1) * chunk_size]
-                    if len(y_C) == 0:
-                        lm_head(hidden_BLH[:1, 0])  # keeps ZeRO-3 gathers in step; result unused
-                        continue
-                    logits_CV = lm_head(h_CH).float()
-                    logits_CV[:, mask_token_id] = -math.inf  # the mask token is never a prediction
-                    ce_sum += float(F.cross_entropy(logits_CV, y_C, reduction="sum"))
-                    correct += float((logits_CV.argmax(dim=-1) == y_C).sum())
-                loss_weight = float(loss_weight_at(torch.tensor(t, dtype=torch.float64), schedule))
-                acc = sums[index[t]]
-                acc[0] += weight * loss_weight * ce_sum
-                acc[1] += weight * ce_sum
-                acc[2] += weight * correct
-                acc[3] += weight * float(masked_BL.sum())
-    finally:
-        language.train(was_training)
-
-    flat = [value for per_t in sums for value in per_t] + [num_samples, num_answer_tokens]
-    flat = distributed.all_reduce_sum(flat)
-    num_samples, num_answer_tokens = flat[-2], flat[-1]
-    totals = {t: flat[4 * i : 4 * i + 4] for i, t in enumerate(times)}
-    denominator = max(num_answer_tokens, 1.0)
-    result: dict[str, float] = {
-        "nelbo": sum(totals[t][0] for t in t_grid) / len(t_grid) / denominator,
-        "num_samples": num_samples,
-        "num_answer_tokens": num_answer_tokens,
-    }
-    for t in t_grid:
-        result[f"ce@{t:g}"] = totals[t][1] / max(totals[t][3], 1.0)
-    for t in accuracy_t:
-        result[f"masked_accuracy@{t:g}"] = totals[t][2] / max(totals[t][3], 1.0)
-    return result
-
 
 # ------------------------------------------------------------------------------------------------
 # Generation metrics on held-out shards and the `evaluate` command

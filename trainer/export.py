@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 
 from trainer.checkpoint import ResumeError, find_resume, load_trainable_state, read_state
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.model import build_mdlm_model
 
 # Files of the base model folder that a merged export carries over unchanged.
 _PROCESSOR_FILES = (
@@ -50,8 +52,6 @@ def load_trained_model(
 
     ``base`` overrides the model path stored in the run config (a moved model folder).
     """
-    from trainer.train import build_model
-
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     if state is None or "config" not in state:
@@ -59,7 +59,7 @@ def load_trained_model(
             f"{str(ckpt_dir)!r} is not a committed checkpoint of this trainer (no trainer_state.json)"
         )
     config = load_config(None, _flatten(state["config"]) | ({"model.name_or_path": base} if base else {}))
-    model = build_model(config, dtype, "sdpa")
+    model = build_mdlm_model(replace(config.model, attn_implementation="sdpa"), config.lora, dtype=dtype)
     weights = load_trainable_state(ckpt_dir)
     params = dict(model.engine_module.named_parameters())
     unknown = sorted(set(weights) - set(params))

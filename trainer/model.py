@@ -30,20 +30,11 @@ import torch
 from torch import nn
 
 from trainer import attention, diffusion
+from trainer.config import LoraConfig, ModelConfig
 
 MASK_TOKEN = "<|mask|>"
 QWEN_MASK_TOKEN_ID = 151_669
 QWEN_IM_START_ID = 151_644  # identifies the Qwen vocabulary
-
-ATTENTION_ALIASES: dict[str, str] = {
-    "sdpa": "sdpa",
-    "eager": "eager",
-    "flex": "flex",
-    "flex_attention": "flex",
-    "flash": "flash",
-    "flash_attention_2": "flash",
-    "flash_attn": "flash",
-}
 
 
 @dataclass
@@ -80,16 +71,6 @@ class MDLMOutput:
     """Number of masked tokens in the micro-batch."""
     hidden_states: torch.Tensor
     """[B, L, H] final hidden states."""
-
-
-def normalize_attention(name: str) -> str:
-    """Map an attention name (``sdpa``, ``eager``, ``flex``, ``flash`` or HF spellings) to a backend."""
-    if name not in ATTENTION_ALIASES:
-        raise ValueError(f"unknown attention implementation {name!r}: choose one of sdpa, eager, flex, flash")
-    backend = ATTENTION_ALIASES[name]
-    if backend == "flash" and not attention.flash_attn_available():
-        raise ValueError("attention 'flash' needs the flash-attn package: pip install '.[flash]' or use flex")
-    return backend
 
 
 def text_attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -443,7 +424,7 @@ class MDLMModel:
 
     def set_attention(self, attn_implementation: str) -> None:
         """Switch the language model's packed attention backend (e.g. flex for training, sdpa to check)."""
-        backend = normalize_attention(attn_implementation)
+        backend = attention.normalize_backend(attn_implementation)
         attention.register_attention_backends()
         self.base_model.set_attn_implementation({"text_config": attention.attn_implementation_name(backend)})
         self.engine_module.backend = backend
@@ -483,25 +464,23 @@ class MDLMModel:
 def assemble_mdlm_model(
     model: nn.Module,
     tokenizer: Any,
-    *,
-    attn_implementation: str = "sdpa",
-    use_lora: bool = True,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-    train_vision: bool = False,
-    train_merger: bool = False,
-    gradient_checkpointing: bool = False,
-    train_embeddings: bool = True,
+    model_config: ModelConfig | None = None,
+    lora: LoraConfig | None = None,
 ) -> MDLMModel:
     """Turn a loaded stock ``Qwen3VLForConditionalGeneration`` into an :class:`MDLMModel` (in place).
 
     Also used on the meta device (``benchmarks/param_counts.py``), so it reads no weights.
-    ``use_lora=False`` trains the whole language model; with ``train_embeddings=False`` its [V, H]
-    embedding and tied head stay frozen but for the ``<|mask|>`` row.
+    ``model_config`` (attention backend, what trains besides the language model) and ``lora`` are the
+    trainer's config sections (defaults when None; ``attn_implementation="auto"`` resolves to the best
+    backend installed). ``lora.enabled=False`` trains the whole language model; with
+    ``model_config.train_embeddings=False`` its [V, H] embedding and tied head stay frozen but for
+    the ``<|mask|>`` row.
     """
-    backend = normalize_attention(attn_implementation)
+    model_config = model_config or ModelConfig()
+    lora = lora or LoraConfig()
+    backend = attention.resolve_backend(model_config.attn_implementation, torch.cuda.is_available())
+    use_lora = lora.enabled
+    train_vision, train_merger = not model_config.freeze_vision, not model_config.freeze_merger
     attention.register_attention_backends()
     vision_impl = {"flash": "flash_attention_2", "eager": "eager"}.get(backend, "sdpa")
     model.set_attn_implementation(
@@ -521,18 +500,19 @@ def assemble_mdlm_model(
         vision_modules = ["model.visual.merger"]
         vision_modules += [f"model.visual.deepstack_merger_list.{i}" for i in range(num_deepstack)]
 
-    if gradient_checkpointing:
+    if model_config.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and with ZeRO-3.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if use_lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
 
-        lora_config = LoraConfig(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=lora_target_regex(target_modules),
+        lora_config = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_target_regex(lora.target_modules),
             trainable_token_indices={"embed_tokens": [mask_id]},
             # A trained vision part is saved whole in the adapter (PEFT modules_to_save).
             modules_to_save=vision_modules or None,
@@ -540,7 +520,7 @@ def assemble_mdlm_model(
         )
         peft_model = get_peft_model(model, lora_config)
         _use_sparse_trainable_tokens(peft_model)
-    elif train_embeddings:
+    elif model_config.train_embeddings:
         peft_model = model
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
@@ -576,43 +556,20 @@ def assemble_mdlm_model(
 
 
 def build_mdlm_model(
-    name_or_path: str,
-    *,
-    dtype: torch.dtype | str = torch.bfloat16,
-    attn_implementation: str = "sdpa",
-    use_lora: bool = True,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-    train_vision: bool = False,
-    train_merger: bool = False,
-    gradient_checkpointing: bool = False,
-    train_embeddings: bool = True,
+    model_config: ModelConfig, lora: LoraConfig | None = None, *, dtype: torch.dtype | str = torch.bfloat16
 ) -> MDLMModel:
-    """Load Qwen3-VL from ``name_or_path`` in ``dtype`` and assemble it (see :func:`assemble_mdlm_model`)."""
+    """Load Qwen3-VL from ``model_config.name_or_path`` in ``dtype`` and assemble it as the config
+    sections say (see :func:`assemble_mdlm_model`); training, export and generation all build here."""
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
         dtype = getattr(torch, dtype)
-    normalize_attention(attn_implementation)  # fail on a bad name before loading gigabytes
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    # Fail on a bad attention name before loading gigabytes.
+    attention.resolve_backend(model_config.attn_implementation, torch.cuda.is_available())
+    tokenizer = AutoTokenizer.from_pretrained(model_config.name_or_path)
     model = Qwen3VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation="sdpa"
+        model_config.name_or_path, dtype=dtype, attn_implementation="sdpa"
     )
-    return assemble_mdlm_model(
-        model,
-        tokenizer,
-        attn_implementation=attn_implementation,
-        use_lora=use_lora,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=target_modules,
-        train_vision=train_vision,
-        train_merger=train_merger,
-        gradient_checkpointing=gradient_checkpointing,
-        train_embeddings=train_embeddings,
-    )
+    return assemble_mdlm_model(model, tokenizer, model_config, lora)

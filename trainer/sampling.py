@@ -375,6 +375,7 @@ def load_model(
     it and its trained weights loaded.
     `dtype` "auto" = bfloat16 on GPU, float32 on CPU.
     """
+    from trainer.config import LoraConfig, ModelConfig
     from trainer.model import assemble_mdlm_model, build_mdlm_model
 
     device = torch.device(device) if device is not None else default_device()
@@ -397,12 +398,19 @@ def load_model(
         base = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
         # Merging gives plain weights: one forward per step with no adapter indirection.
         merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        mdlm = assemble_mdlm_model(merged, tokenizer, attn_implementation=attn_implementation, use_lora=False)
+        mdlm = assemble_mdlm_model(
+            merged,
+            tokenizer,
+            ModelConfig(model, attn_implementation=attn_implementation),
+            LoraConfig(enabled=False),
+        )
     elif checkpoint is not None:
         mdlm = _load_from_checkpoint(model, checkpoint, torch_dtype, attn_implementation)
     else:
         mdlm = build_mdlm_model(
-            model, dtype=torch_dtype, attn_implementation=attn_implementation, use_lora=False
+            ModelConfig(model, attn_implementation=attn_implementation),
+            LoraConfig(enabled=False),
+            dtype=torch_dtype,
         )
     mdlm.peft_model.to(device)
     mdlm.peft_model.eval()

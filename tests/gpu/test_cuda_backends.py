@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from trainer import attention
+from trainer.config import ModelConfig
 from trainer.diffusion import apply_masking, sample_sequence_t
 from trainer.model import build_mdlm_model
 
@@ -41,7 +42,9 @@ def _packed(rows: list[torch.Tensor], pad_id: int, pad: int = 8) -> tuple[torch.
 
 @pytest.mark.parametrize("backend", attention.available_backends("cuda") if torch.cuda.is_available() else [])
 def test_cuda_backend_packs_exactly_and_is_bidirectional(tiny_model_dir: Path, backend: str) -> None:
-    mdlm = build_mdlm_model(str(tiny_model_dir), dtype=torch.bfloat16, attn_implementation=backend)
+    mdlm = build_mdlm_model(
+        ModelConfig(str(tiny_model_dir), attn_implementation=backend), dtype=torch.bfloat16
+    )
     mdlm.base_model.to("cuda").eval()
     tok = mdlm.tokenizer
     rows = _rows(tok)
@@ -64,7 +67,9 @@ def test_cuda_backend_packs_exactly_and_is_bidirectional(tiny_model_dir: Path, b
 
 def test_bf16_mdlm_step_trains_on_cuda(tiny_model_dir: Path) -> None:
     backend = attention.available_backends("cuda")[0]
-    mdlm = build_mdlm_model(str(tiny_model_dir), dtype=torch.bfloat16, attn_implementation=backend)
+    mdlm = build_mdlm_model(
+        ModelConfig(str(tiny_model_dir), attn_implementation=backend), dtype=torch.bfloat16
+    )
     mdlm.base_model.to("cuda").train()
     tok = mdlm.tokenizer
     ids, pos, seq_ids = (x.cuda() for x in _packed(_rows(tok), tok.pad_token_id))

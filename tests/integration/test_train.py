@@ -15,7 +15,7 @@ import torch.distributed as dist
 from launch_helpers import common_args, free_port, losses_by_step
 
 from trainer.checkpoint import checkpoint_root, read_state
-from trainer.train import main
+from trainer.train_cli import main
 
 RunCmd = Callable[..., subprocess.CompletedProcess[str]]
 REPO = Path(__file__).resolve().parents[2]

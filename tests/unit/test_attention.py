@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from trainer import attention
+from trainer.config import ModelConfig
 from trainer.model import MDLMModel, build_mdlm_model, set_text_causal
 
 BACKENDS = attention.available_backends("cpu")  # sdpa, eager, flex here; flash only on CUDA
@@ -94,7 +95,9 @@ def test_backends_are_registered_in_transformers() -> None:
 
 @pytest.fixture(scope="module")
 def mdlm(tiny_model_dir: Path) -> Iterator[MDLMModel]:
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    model = build_mdlm_model(
+        ModelConfig(str(tiny_model_dir), attn_implementation="sdpa"), dtype=torch.float32
+    )
     model.base_model.eval()
     yield model
 

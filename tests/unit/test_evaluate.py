@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from trainer.assets import load_processor
+from trainer.config import ModelConfig
 from trainer.data import LoadedSample, PackedBatch, collate_rows
 from trainer.diffusion import masked_diffusion_loss
-from trainer.evaluate import fixed_uniforms, nelbo_eval
+from trainer.nelbo import fixed_uniforms, nelbo_eval
 from trainer.positions import mrope_position_ids
 from trainer.sampling import build_prompt, load_model
 
@@ -147,7 +148,7 @@ def test_nelbo_with_the_vision_merger_inside_the_engine(
     """--freeze_merger False: the engine module encodes pixels itself; evaluation passes them in."""
     from trainer.model import build_mdlm_model
 
-    trained = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, train_merger=True)
+    trained = build_mdlm_model(ModelConfig(str(tiny_model_dir), freeze_merger=False), dtype=torch.float32)
     assert trained.language.visual is not None
     pad = trained.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     batches = _batches(samples, [[[0, 1], [2, 3]]], pad)

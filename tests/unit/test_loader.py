@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from data_tools.shards import read_index, read_sample
 from trainer.assets import load_processor
 from trainer.attention import varlen_boundaries
+from trainer.config import ModelConfig
 from trainer.data import EvalLoader, PackedBatch, TrainLoader
 from trainer.positions import mrope_position_ids
 
@@ -282,7 +283,9 @@ def test_packed_rows_from_shards_equal_samples_one_by_one_in_the_tiny_model(
     from trainer.data import SampleReader, collate_rows
     from trainer.model import build_mdlm_model
 
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, attn_implementation=backend)
+    model = build_mdlm_model(
+        ModelConfig(str(tiny_model_dir), attn_implementation=backend), dtype=torch.float32
+    )
     language = model.language.eval()
     loader = _loader(shard_dir, processor, world_size=1, micro_batch=2, grad_accum=1, num_workers=0)
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")

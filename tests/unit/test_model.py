@@ -13,6 +13,7 @@ import torch
 from transformers import Qwen3VLForConditionalGeneration
 
 from trainer import diffusion
+from trainer.config import LoraConfig, ModelConfig
 from trainer.model import (
     MDLMModel,
     VisionFeatures,
@@ -27,7 +28,7 @@ PATCH_DIM = 3 * 2 * 16 * 16  # channels * temporal patch * patch^2
 
 @pytest.fixture(scope="module")
 def mdlm(tiny_model_dir: Path) -> Iterator[MDLMModel]:
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32)
+    model = build_mdlm_model(ModelConfig(str(tiny_model_dir)), dtype=torch.float32)
     model.base_model.eval()
     yield model
 
@@ -209,7 +210,7 @@ def _loss(model: MDLMModel, batch: dict[str, Any], vision: VisionFeatures | None
 def test_step_moves_only_lora_and_mask_row_and_exports(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, lora_dropout=0.0)
+    model = build_mdlm_model(ModelConfig(str(tiny_model_dir)), LoraConfig(dropout=0.0), dtype=torch.float32)
     batch = _noisy_batch(model, seed=2)
     assert bool(batch["noised"].masked.any())
     before = {name: p.detach().clone() for name, p in model.peft_model.named_parameters()}
@@ -268,7 +269,7 @@ def test_step_moves_only_lora_and_mask_row_and_exports(tiny_model_dir: Path, tmp
 
 
 def test_full_language_model_training_without_lora(tiny_model_dir: Path) -> None:
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, use_lora=False)
+    model = build_mdlm_model(ModelConfig(str(tiny_model_dir)), LoraConfig(enabled=False), dtype=torch.float32)
     base = model.base_model
     trainable = {id(p) for p in base.parameters() if p.requires_grad}
     language = {id(p) for p in [*base.model.language_model.parameters(), *base.lm_head.parameters()]}
@@ -279,7 +280,11 @@ def test_full_language_model_training_without_lora(tiny_model_dir: Path) -> None
 
 def test_full_language_model_with_frozen_embeddings(tiny_model_dir: Path) -> None:
     """train_embeddings=False: layers and final norm train, the [V, H] matrix only in its mask row."""
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, use_lora=False, train_embeddings=False)
+    model = build_mdlm_model(
+        ModelConfig(str(tiny_model_dir), train_embeddings=False),
+        LoraConfig(enabled=False),
+        dtype=torch.float32,
+    )
     base = model.base_model
     language = base.model.language_model
     expected = {id(p) for p in [*language.layers.parameters(), *language.norm.parameters()]}
@@ -308,7 +313,9 @@ def test_full_language_model_with_frozen_embeddings(tiny_model_dir: Path) -> Non
 
 
 def test_trainable_merger_runs_on_text_only_batches(tiny_model_dir: Path) -> None:
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, train_merger=True, lora_dropout=0.0)
+    model = build_mdlm_model(
+        ModelConfig(str(tiny_model_dir), freeze_merger=False), LoraConfig(dropout=0.0), dtype=torch.float32
+    )
     assert model.engine_module.visual is not None
     tok = model.tokenizer
     batch = _pack(model, [[_sample(tok, None, "Hi", "hello there friend")]], 24)
@@ -337,7 +344,9 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_model_dir: Path) -> Non
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA A init in both
         model = build_mdlm_model(
-            str(tiny_model_dir), dtype=torch.float32, lora_dropout=0.0, gradient_checkpointing=checkpointing
+            ModelConfig(str(tiny_model_dir), gradient_checkpointing=checkpointing),
+            LoraConfig(dropout=0.0),
+            dtype=torch.float32,
         )
         assert model.base_model.model.language_model.gradient_checkpointing is checkpointing
         model.engine_module.train()
@@ -438,7 +447,7 @@ def test_sparse_trainable_tokens_equal_stock_peft(tiny_model_dir: Path) -> None:
     head logits everywhere but in the never-predicted <|mask|> column."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    model = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32)
+    model = build_mdlm_model(ModelConfig(str(tiny_model_dir)), dtype=torch.float32)
     layers = [m for m in model.peft_model.modules() if isinstance(m, TrainableTokensLayer)]
     assert len(layers) == 2  # the embedding and the LM head tied to it
     embed = next(m for m in layers if isinstance(m.base_layer, torch.nn.Embedding))

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from trainer.assets import load_processor
+from trainer.config import ModelConfig
 from trainer.sampling import (
     GenerationConfig,
     Prompt,
@@ -172,7 +173,7 @@ def test_adapter_loads(
 ) -> None:
     from trainer.model import build_mdlm_model
 
-    trained = build_mdlm_model(str(tiny_model_dir), dtype=torch.float32, use_lora=True)
+    trained = build_mdlm_model(ModelConfig(str(tiny_model_dir)), dtype=torch.float32)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in trained.peft_model.named_parameters():

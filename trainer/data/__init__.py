@@ -17,6 +17,7 @@ from trainer.data.plan import (
     load_catalog,
     main,
     parse_shard_spec,
+    parse_shard_specs,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "load_catalog",
     "main",
     "parse_shard_spec",
+    "parse_shard_specs",
 ]

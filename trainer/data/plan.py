@@ -46,6 +46,7 @@ __all__ = [
     "best_fit_pack",
     "load_catalog",
     "parse_shard_spec",
+    "parse_shard_specs",
 ]
 
 # Seed-sequence tags keep the random streams of different purposes independent.
@@ -164,6 +165,12 @@ def parse_shard_spec(spec: str) -> tuple[str, float]:
             raise ValueError(f"--shards {spec!r}: the weight must be a finite number >= 0")
         return head, weight
     return spec, 1.0
+
+
+def parse_shard_specs(specs: Sequence[str]) -> tuple[list[str], list[float]]:
+    """Several `DIR[:WEIGHT]` specs -> (dirs, weights)."""
+    parsed = [parse_shard_spec(spec) for spec in specs]
+    return [d for d, _ in parsed], [w for _, w in parsed]
 
 
 def best_fit_pack(lengths: Sequence[int], max_tokens: int, window: int) -> list[list[int]]:

@@ -1,0 +1,88 @@
+"""``python -m trainer train``: argv -> config -> a run (or a dry-run report); errors become exit codes.
+
+python -m trainer train --config configs/demo.yaml [--optim.lr 1e-4 ...] [--dry-run]
+deepspeed --num_gpus 8 --module trainer train --config ...
+torchrun --nproc_per_node 8 -m trainer train --config ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from trainer import checkpoint as ckpt
+from trainer import distributed
+from trainer.config import ConfigError, load_config
+from trainer.dry_run import dry_run_report
+from trainer.train import TrainingError, prepare, run
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, bool, list[str]]:
+    """Pull out --config, --dry-run and the launcher's --local_rank; the rest are overrides."""
+    config_file: str | None = None
+    dry_run = False
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--dry-run", "--dry_run"):
+            dry_run = True
+        elif arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file")
+            config_file = argv[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg.startswith(("--local_rank", "--local-rank")):
+            # deepspeed's launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+            if "=" not in arg:
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return config_file, dry_run, rest
+
+
+USAGE = """usage: python -m trainer train [--config FILE.yaml] [--dry-run] [--group.key VALUE ...] [--hf_alias VALUE ...]
+
+Overrides are dotted config keys (--optim.lr 1e-4, --schedule.max_steps 100) or Hugging Face
+Trainer-style names (--learning_rate, --per_device_train_batch_size, --lora False, --resume auto, ...).
+See trainer/config.py for every field."""
+
+
+def main(argv: list[str]) -> int:
+    """``python -m trainer train``: exit 0 on success (also after a signal/time-limit checkpoint)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        config_file, dry_run, overrides = split_argv(argv)
+        config = load_config(config_file, overrides)
+        resume_dir, ds_config = prepare(config)
+        if dry_run:
+            print(dry_run_report(config, ds_config, distributed.env_world_size()))
+            if resume_dir is not None:
+                print(f"resume from: {resume_dir}")
+            return 0
+    except (ConfigError, ckpt.ResumeError, ValueError) as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = run(config)
+    except TrainingError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {
+            "step": result.step,
+            "stopped_early": result.stopped_early,
+            "last_checkpoint": result.last_checkpoint,
+        }
+        if result.losses:
+            summary["last_loss"] = result.losses[-1]
+        if result.eval:
+            summary["eval"] = result.eval
+        print("train: done " + json.dumps(summary))
+    return 0
