@@ -1,14 +1,20 @@
-"""`python -m data_tools COMMAND ...`: each command lives in its own module, imported on demand."""
+"""`python -m data_tools COMMAND ...`: each command lives in its own module, imported on demand.
+
+The one place where a user error ends the process: library code raises `BuildError`, and this
+entry point prints it as one line (`data_tools: error: ...`) on stderr and returns exit status 1.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
+from data_tools.errors import BuildError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("data_tools.build", "Build pre-tokenised WebDataset shards + index.json from a dataset"),
-    "verify": ("data_tools.inspect", "Check every sample of a shard set against its index.json"),
-    "inspect": ("data_tools.inspect", "Summary table and token-length histogram of a shard set"),
+    "verify": ("data_tools.report", "Check every sample of a shard set against its index.json"),
+    "inspect": ("data_tools.report", "Summary table and token-length histogram of a shard set"),
     "synth": ("data_tools.synth", "Render the synthetic demo dataset (shapes, colours, labels) as shards"),
 }
 
@@ -21,7 +27,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to `data_tools.<module>.main(argv)` (`verify` goes to `inspect.verify_main`)."""
+    """Dispatch to `data_tools.<module>.main(argv)` (`verify` goes to `report.verify_main`)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -32,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     entry = module.verify_main if command == "verify" else module.main
-    return int(entry(rest) or 0)
+    try:
+        return int(entry(rest) or 0)
+    except BuildError as err:
+        print(f"data_tools: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`python -m data_tools build`: source rows -> samples (in a process pool) -> atomic shards + index.
 
-Order and output are deterministic: rows are processed in input order (`imap` keeps it), shard
+Order and output are deterministic: rows are processed in input order (`_ordered_map` keeps it), shard
 boundaries depend only on the samples, so any `--workers` gives byte-identical shards. Resume:
 after each finished shard a small record (`DIR/.build/shard-NNNNNN.json`: its index entry, the
 input position it ends at and its rejects) is written atomically; a re-run with the same settings
@@ -10,6 +10,7 @@ keeps those shards and continues after them. `index.json` is written last and `.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -22,88 +23,26 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_tools import images as images_mod
 from data_tools import shards
+from data_tools.errors import BuildError
+from data_tools.fileio import atomic_write_text
+from data_tools.report import SplitResult, result_from_index, summary_table
 from data_tools.samples import SampleError, load_tokenizer, tokenize_conversation, tokenizer_info
+from data_tools.settings import (
+    BuildSettings,
+    add_build_options,
+    build_info_for,
+    settings_from_args,
+    with_model_pixels,
+)
 from data_tools.sources import Conversation, Source, load_image_bytes, normalise_row, open_source
 
 STATE_DIR = ".build"
 REJECT_CHECK_AFTER = 200  # rows seen before the reject fraction may abort a build early
-
-
-@dataclass
-class BuildSettings:
-    """Everything that decides the bytes of a shard set (recorded in `index.json` "build")."""
-
-    min_pixels: int = images_mod.DEFAULT_MIN_PIXELS
-    """Fewest pixels of a resized image (Qwen3-VL: 65,536 = 64 tokens)."""
-    max_pixels: int = images_mod.DEFAULT_MAX_PIXELS
-    """Most pixels of a resized image (Qwen3-VL: 16,777,216 = 16,384 tokens)."""
-    max_image_pixels: int = images_mod.DEFAULT_MAX_IMAGE_PIXELS
-    """Source images above this many pixels (read from the header) are rejected, never decoded."""
-    max_tokens: int | None = 8192
-    """Samples longer than this are rejected (`too_many_tokens`); None = no limit."""
-    samples_per_shard: int = 1000
-    """A shard is closed when it holds this many samples."""
-    max_shard_bytes: int = 512 * 1024 * 1024
-    """... or when the next sample would take it over this many bytes."""
-    image_format: str = "jpeg"
-    """Stored image format: jpeg | png | webp."""
-    image_quality: int = 95
-    """JPEG / WebP quality."""
-    train_on: str = "last"
-    """Answer mask on the `last` assistant turn or on `all` assistant turns."""
-    pad_answer_to: int = 0
-    """Pad the last answer to this many target tokens with `<|endoftext|>` (0 = off; LLaDA's SFT
-    recipe: the model learns to end a fixed-size generation canvas; see samples.tokenize_conversation)."""
-    seed: int = 0
-    """Seeds the held-out split (`test_fraction`)."""
-    limit: int | None = None
-    """Read at most this many rows of each input split."""
-    test_fraction: float = 0.0
-    """Hold out this fraction of a single input split as `test` (by a seeded hash of the row position)."""
-    max_reject_fraction: float = 0.5
-    """The build fails when more than this fraction of rows is rejected."""
-
-    def validate(self) -> None:
-        """Raise `SystemExit` with a one-line message on impossible values."""
-        if self.image_format not in images_mod.IMAGE_FORMATS:
-            raise SystemExit(f"--image-format {self.image_format}: use one of jpeg, png, webp")
-        if self.train_on not in ("last", "all"):
-            raise SystemExit(f"--train-on {self.train_on}: use last or all")
-        if self.pad_answer_to < 0:
-            raise SystemExit(f"--pad-answer-to {self.pad_answer_to}: must be >= 0 (0 = no padding)")
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise SystemExit(
-                f"--min-pixels {self.min_pixels} / --max-pixels {self.max_pixels}: need 0 < min <= max"
-            )
-        if self.samples_per_shard < 1 or self.max_shard_bytes < 1024:
-            raise SystemExit("--samples-per-shard must be >= 1 and --max-shard-bytes >= 1024")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise SystemExit(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
-        if not 0.0 <= self.max_reject_fraction <= 1.0:
-            raise SystemExit(f"--max-reject-fraction {self.max_reject_fraction}: must be in [0, 1]")
-
-
-@dataclass
-class SplitResult:
-    """What one split's build did (for the summary table)."""
-
-    name: str
-    directory: Path
-    num_samples: int = 0
-    num_images: int = 0
-    token_lengths: list[int] = field(default_factory=list)
-    rejects: Counter[str] = field(default_factory=Counter)
-    num_shards: int = 0
-    num_bytes: int = 0
-    seconds: float = 0.0
-    resumed_shards: int = 0
-    skipped: bool = False
 
 
 # ------------------------------------------------------------------------------- worker side
@@ -193,7 +132,7 @@ def plan_splits(source: Source, settings: BuildSettings) -> dict[str, tuple[str,
         positions = list(range(n))
         if settings.test_fraction > 0:
             if len(source.splits) != 1:
-                raise SystemExit("--test-fraction holds out part of one split; give a single --split")
+                raise BuildError("--test-fraction holds out part of one split; give a single --split")
             test = [p for p in positions if _in_test(settings.seed, p, settings.test_fraction)]
             test_set = set(test)
             plans["train"] = (name, rows, [p for p in positions if p not in test_set])
@@ -228,7 +167,7 @@ def _ordered_map(
         try:
             done = pending.popleft().result()
         except BrokenProcessPool as e:
-            raise SystemExit(
+            raise BuildError(
                 f"a build worker died ({e}); re-run to resume, or use --workers 1 to find the row"
             ) from e
         submit()
@@ -259,6 +198,151 @@ def _load_finished(directory: Path) -> list[dict[str, Any]]:
     return done
 
 
+def _claim_directory(directory: Path, identity: dict[str, Any]) -> None:
+    """Make `directory` this build's: a fresh one records `identity`, an interrupted one must match it."""
+    state_dir = directory / STATE_DIR
+    state_dir.mkdir(exist_ok=True)
+    settings_file = state_dir / "settings.json"
+    if settings_file.is_file():
+        if json.loads(settings_file.read_text(encoding="utf-8")) != identity:
+            raise BuildError(
+                f"--output {directory}: holds an interrupted build with other settings; "
+                "re-run with the same options or delete the directory"
+            )
+    else:
+        if any(shards.SHARD_RE.match(p.name) for p in directory.iterdir()):
+            raise BuildError(
+                f"--output {directory}: holds shards from another build; choose an empty directory"
+            )
+        atomic_write_text(settings_file, json.dumps(identity, sort_keys=True))
+
+
+def _discard_unfinished(directory: Path, finished: list[dict[str, Any]]) -> None:
+    """Remove what an interrupted run wrote after its last intact shard (tars, temp files, records)."""
+    keep = {r["entry"]["name"] for r in finished}
+    for p in directory.iterdir():
+        if (shards.SHARD_RE.match(p.name) and p.name not in keep) or ".tmp-" in p.name:
+            p.unlink()
+    for p in (directory / STATE_DIR).glob("shard-*.json"):
+        if int(p.stem.split("-")[1]) >= len(finished):
+            p.unlink()
+
+
+class _ShardCutter:
+    """Cuts the ordered stream of encoded rows into shards, committing a resume record after each.
+
+    Committed: `entries` and `rejects` (also those of the shards a resumed build kept); open: the
+    samples and rejects since the last commit. `num_seen` counts input rows, resumed ones included.
+    """
+
+    def __init__(self, directory: Path, settings: BuildSettings, finished: list[dict[str, Any]]) -> None:
+        self.directory = directory
+        self.settings = settings
+        self.entries: list[dict[str, Any]] = [r["entry"] for r in finished]
+        self.rejects: list[dict[str, Any]] = [rej for r in finished for rej in r["rejects"]]
+        self.num_seen: int = finished[-1]["next_index"] if finished else 0
+        self.open_samples: list[shards.EncodedSample] = []
+        self.open_bytes = 0
+        self.open_rejects: list[dict[str, Any]] = []
+
+    def add(self, position: int, sample: shards.EncodedSample | None, reject: dict[str, Any] | None) -> None:
+        """Take the result of input row `position` (a sample or a reject)."""
+        self.num_seen = position + 1
+        if reject is not None:
+            self.open_rejects.append(reject)
+            return
+        assert sample is not None
+        size = sample.tar_bytes()
+        if self.open_samples and (
+            len(self.open_samples) >= self.settings.samples_per_shard
+            or self.open_bytes + size > self.settings.max_shard_bytes
+        ):
+            # The shard ends before this row: resume restarts at row `position`.
+            self.commit(position)
+        self.open_samples.append(sample)
+        self.open_bytes += size
+
+    def all_rejects(self) -> list[dict[str, Any]]:
+        """Committed and open rejects, in input order."""
+        return self.rejects + self.open_rejects
+
+    def rejects_exceeded(self) -> bool:
+        """Whether enough rows were seen to judge and too many of them were rejected."""
+        num_rejected = len(self.rejects) + len(self.open_rejects)
+        return (
+            self.num_seen >= REJECT_CHECK_AFTER
+            and num_rejected / self.num_seen > self.settings.max_reject_fraction
+        )
+
+    def commit(self, end_index: int) -> None:
+        """Write the open shard, then its resume record (`end_index`: the first row after it)."""
+        shard_id = len(self.entries)
+        entry = shards.write_shard(self.directory / shards.SHARD_PATTERN.format(shard_id), self.open_samples)
+        self.entries.append(entry)
+        record = {"entry": entry, "next_index": end_index, "rejects": self.open_rejects}
+        atomic_write_text(_state_path(self.directory, shard_id), json.dumps(record))
+        self.rejects.extend(self.open_rejects)
+        self.open_samples, self.open_bytes, self.open_rejects = [], 0, []
+
+    def close(self) -> None:
+        """Commit the last, partly filled shard; rejects after it join the committed ones."""
+        if self.open_samples:
+            self.commit(self.num_seen)
+        self.rejects.extend(self.open_rejects)
+        self.open_rejects = []
+
+
+@contextlib.contextmanager
+def _encoded_rows(
+    tasks: Iterator[tuple[int, str, Any]], initargs: tuple[Any, ...], workers: int
+) -> Iterator[Iterator[Any]]:
+    """`(position, sample, reject)` per task in input order, from a process pool when `workers > 1`."""
+    if workers <= 1:
+        _init_worker(*initargs)
+        yield map(_process, tasks)
+        return
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
+    try:
+        yield _ordered_map(pool, tasks, window=8 * workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encode_and_cut(
+    name: str,
+    cutter: _ShardCutter,
+    tasks: Iterator[tuple[int, str, Any]],
+    initargs: tuple[Any, ...],
+    workers: int,
+    total: int,
+    progress: bool,
+) -> None:
+    """Encode every task and feed `cutter`; end the build early when too many rows are rejected."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=cutter.num_seen, desc=f"build {name}", unit="sample", file=sys.stderr)
+    try:
+        with _encoded_rows(tasks, initargs, workers) as results:
+            for position, sample, reject in results:
+                if bar is not None:
+                    bar.update(1)
+                cutter.add(position, sample, reject)
+                if reject is not None and cutter.rejects_exceeded():
+                    rejects = cutter.all_rejects()
+                    _write_rejects(cutter.directory, rejects)
+                    raise BuildError(
+                        _too_many_rejects(
+                            name, len(rejects), cutter.num_seen, cutter.settings, cutter.directory
+                        )
+                    )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def build_split(
     name: str,
     directory: Path,
@@ -275,141 +359,47 @@ def build_split(
     progress: bool = True,
 ) -> SplitResult:
     """Build (or resume, or skip when complete) the shard set of one split in `directory`."""
-    result = SplitResult(name=name, directory=directory)
     start = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
-    state_dir = directory / STATE_DIR
-    identity = {"build": build_info, "tokenizer": tok_info["fingerprint"], "extra": extra_index}
-    index_path = directory / shards.INDEX_NAME
-    if index_path.is_file():
+    if (directory / shards.INDEX_NAME).is_file():
         index = shards.read_index(directory)
         if index.get("build") == build_info and index["tokenizer"]["fingerprint"] == tok_info["fingerprint"]:
+            result = result_from_index(name, directory, index)
             result.skipped = True
-            result.num_samples = index["num_samples"]
-            result.num_images = index["num_images"]
-            result.token_lengths = [s["num_tokens"] for sh in index["shards"] for s in sh["samples"]]
-            result.num_shards = len(index["shards"])
-            result.num_bytes = sum(sh["num_bytes"] for sh in index["shards"])
-            result.rejects = Counter(index.get("rejects", {}))
             return result
-        raise SystemExit(
+        raise BuildError(
             f"--output {directory}: holds a complete shard set built with other settings; "
             "choose another --output or delete it"
         )
-    state_dir.mkdir(exist_ok=True)
-    settings_file = state_dir / "settings.json"
-    if settings_file.is_file():
-        if json.loads(settings_file.read_text(encoding="utf-8")) != identity:
-            raise SystemExit(
-                f"--output {directory}: holds an interrupted build with other settings; "
-                "re-run with the same options or delete the directory"
-            )
-    else:
-        if any(shards.SHARD_RE.match(p.name) for p in directory.iterdir()):
-            raise SystemExit(
-                f"--output {directory}: holds shards from another build; choose an empty directory"
-            )
-        shards.atomic_write_bytes(settings_file, json.dumps(identity, sort_keys=True).encode("utf-8"))
-
+    _claim_directory(
+        directory, {"build": build_info, "tokenizer": tok_info["fingerprint"], "extra": extra_index}
+    )
     finished = _load_finished(directory)
-    entries = [r["entry"] for r in finished]
-    rejects: list[dict[str, Any]] = [rej for r in finished for rej in r["rejects"]]
-    next_index = finished[-1]["next_index"] if finished else 0
-    result.resumed_shards = len(finished)
-    # Anything after the last intact shard is from the interrupted run: remove it.
-    keep = {e["name"] for e in entries}
-    for p in directory.iterdir():
-        if (shards.SHARD_RE.match(p.name) and p.name not in keep) or ".tmp-" in p.name:
-            p.unlink()
-    for p in state_dir.glob("shard-*.json"):
-        if int(p.stem.split("-")[1]) >= len(finished):
-            p.unlink()
+    _discard_unfinished(directory, finished)
 
+    cutter = _ShardCutter(directory, settings, finished)
     tasks: Iterator[tuple[int, str, Any]] = (
         (i, f"{_key_prefix(input_split)}-{positions[i]:09d}", rows[positions[i]])
-        for i in range(next_index, len(positions))
+        for i in range(cutter.num_seen, len(positions))
     )
     initargs = (model, settings, source.row_format, source.base_dir)
-    pool = None
-    if workers > 1:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
-        results: Iterator[Any] = _ordered_map(pool, tasks, window=8 * workers)
-    else:
-        _init_worker(*initargs)
-        results = map(_process, tasks)
-
-    current: list[shards.EncodedSample] = []
-    current_bytes = 0
-    current_rejects: list[dict[str, Any]] = []
-    num_seen = next_index
-    num_rejected = len(rejects)
-
-    def flush(end_index: int) -> None:
-        nonlocal current, current_bytes, current_rejects
-        shard_id = len(entries)
-        entry = shards.write_shard(directory / shards.SHARD_PATTERN.format(shard_id), current)
-        entries.append(entry)
-        record = {"entry": entry, "next_index": end_index, "rejects": current_rejects}
-        shards.atomic_write_bytes(_state_path(directory, shard_id), json.dumps(record).encode("utf-8"))
-        rejects.extend(current_rejects)
-        current, current_bytes, current_rejects = [], 0, []
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=len(positions), initial=next_index, desc=f"build {name}", unit="sample", file=sys.stderr
-        )
-    try:
-        for i, sample, reject in results:
-            num_seen = i + 1
-            if bar is not None:
-                bar.update(1)
-            if reject is not None:
-                current_rejects.append(reject)
-                num_rejected += 1
-                if num_seen >= REJECT_CHECK_AFTER and num_rejected / num_seen > settings.max_reject_fraction:
-                    _write_rejects(directory, rejects + current_rejects)
-                    raise SystemExit(_too_many_rejects(name, num_rejected, num_seen, settings, directory))
-                continue
-            assert sample is not None
-            size = sample.tar_bytes()
-            if current and (
-                len(current) >= settings.samples_per_shard or current_bytes + size > settings.max_shard_bytes
-            ):
-                # The shard ends before this row: resume restarts at row i.
-                flush(i)
-            current.append(sample)
-            current_bytes += size
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    if current:
-        flush(num_seen)
-    rejects.extend(current_rejects)
-    _write_rejects(directory, rejects)
+    _encode_and_cut(name, cutter, tasks, initargs, workers, len(positions), progress)
+    cutter.close()
+    _write_rejects(directory, cutter.rejects)
     total = len(positions)
     if total == 0:
-        raise SystemExit(f"split {name}: the source has no rows")
-    if len(rejects) / total > settings.max_reject_fraction or not entries:
-        raise SystemExit(_too_many_rejects(name, len(rejects), total, settings, directory))
-    reject_counts = Counter(r["reason"] for r in rejects)
-    index = shards.make_index(entries, tok_info, build_info, extra_index)
-    index["num_rejected"] = len(rejects)
+        raise BuildError(f"split {name}: the source has no rows")
+    if len(cutter.rejects) / total > settings.max_reject_fraction or not cutter.entries:
+        raise BuildError(_too_many_rejects(name, len(cutter.rejects), total, settings, directory))
+    reject_counts = Counter(r["reason"] for r in cutter.rejects)
+    index = shards.make_index(cutter.entries, tok_info, build_info, extra_index)
+    index["num_rejected"] = len(cutter.rejects)
     index["rejects"] = dict(sorted(reject_counts.items()))
     shards.write_index(directory, index)  # last: its presence marks the split complete
-    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(directory / STATE_DIR, ignore_errors=True)
 
-    result.num_samples = index["num_samples"]
-    result.num_images = index["num_images"]
-    result.token_lengths = [s["num_tokens"] for sh in entries for s in sh["samples"]]
-    result.rejects = reject_counts
-    result.num_shards = len(entries)
-    result.num_bytes = sum(e["num_bytes"] for e in entries)
+    result = result_from_index(name, directory, index)
+    result.resumed_shards = len(finished)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -428,22 +418,7 @@ def _too_many_rejects(name: str, n: int, total: int, settings: BuildSettings, di
 
 def _write_rejects(directory: Path, rejects: list[dict[str, Any]]) -> None:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-    shards.atomic_write_bytes(directory / shards.REJECTS_NAME, lines.encode("utf-8"))
-
-
-def build_info_for(source: Source, settings: BuildSettings, input_split: str, name: str) -> dict[str, Any]:
-    """The `index.json` "build" block: settings plus where the rows came from."""
-    info = asdict(settings)
-    # Not a property of the output: a re-run with another threshold may resume or reuse the set.
-    info.pop("max_reject_fraction")
-    info.update(
-        source=source.spec,
-        container=source.container,
-        row_format=source.row_format,
-        input_split=input_split,
-        split=name,
-    )
-    return info
+    atomic_write_text(directory / shards.REJECTS_NAME, lines)
 
 
 def run_build(
@@ -459,7 +434,7 @@ def run_build(
     """Build every split of `source` under `output` (`output/<split>/` when there are several)."""
     settings.validate()
     if workers < 1:
-        raise SystemExit(f"--workers {workers}: must be >= 1")
+        raise BuildError(f"--workers {workers}: must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool forks after the tokenizer loads
     tokenizer = load_tokenizer(model)
     _WORKER.update(tokenizer=tokenizer, model=model)
@@ -489,147 +464,6 @@ def run_build(
     return results
 
 
-def _percentile(sorted_values: list[int], q: float) -> int:
-    if not sorted_values:
-        return 0
-    return sorted_values[min(len(sorted_values) - 1, int(q * (len(sorted_values) - 1) + 0.5))]
-
-
-def summary_table(results: list[SplitResult]) -> str:
-    """The end-of-build table: samples, rejects by reason, images, tokens, shards, bytes, seconds."""
-    header = [
-        "split",
-        "samples",
-        "rejected",
-        "images",
-        "tokens",
-        "mean",
-        "p50",
-        "p95",
-        "max",
-        "shards",
-        "MiB",
-        "s",
-    ]
-    rows = []
-    for r in results:
-        lengths = sorted(r.token_lengths)
-        rows.append(
-            [
-                r.name
-                + (" (done)" if r.skipped else f" (+{r.resumed_shards} resumed)" if r.resumed_shards else ""),
-                str(r.num_samples),
-                str(sum(r.rejects.values())),
-                str(r.num_images),
-                str(sum(lengths)),
-                f"{sum(lengths) / max(1, len(lengths)):.1f}",
-                str(_percentile(lengths, 0.5)),
-                str(_percentile(lengths, 0.95)),
-                str(lengths[-1] if lengths else 0),
-                str(r.num_shards),
-                f"{r.num_bytes / 2**20:.1f}",
-                f"{r.seconds:.1f}",
-            ]
-        )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    for r in results:
-        for reason, n in sorted(r.rejects.items()):
-            lines.append(f"  {r.name}: rejected {n} x {reason}")
-    return "\n".join(lines)
-
-
-def add_build_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `build` and `synth`."""
-    parser.add_argument(
-        "--output", required=True, help="output directory (DIR/<split>/ when there are several)"
-    )
-    parser.add_argument(
-        "--model", required=True, help="model folder (or hub id) whose tokenizer and template to use"
-    )
-    parser.add_argument(
-        "--min-pixels", type=int, default=None, help="default: the model's preprocessor (65536)"
-    )
-    parser.add_argument(
-        "--max-pixels", type=int, default=None, help="default: the model's preprocessor (16777216)"
-    )
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=images_mod.DEFAULT_MAX_IMAGE_PIXELS,
-        help="reject source images above this many pixels (checked before decoding)",
-    )
-    parser.add_argument("--max-tokens", type=int, default=8192, help="reject longer samples (0 = no limit)")
-    parser.add_argument(
-        "--samples-per-shard", type=int, default=1000, help="close a shard at this many samples"
-    )
-    parser.add_argument(
-        "--max-shard-bytes",
-        type=int,
-        default=512 * 1024 * 1024,
-        help="... or before it passes this many bytes",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
-    parser.add_argument(
-        "--image-format", choices=sorted(images_mod.IMAGE_FORMATS), default="jpeg", help="stored image format"
-    )
-    parser.add_argument("--image-quality", type=int, default=95, help="JPEG/WebP quality")
-    parser.add_argument(
-        "--train-on",
-        choices=["last", "all"],
-        default="last",
-        help="answer mask on the last assistant turn or all of them",
-    )
-    parser.add_argument(
-        "--pad-answer-to",
-        type=int,
-        default=0,
-        help="pad the last answer to N target tokens with <|endoftext|> (LLaDA SFT; 0 = off)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the --test-fraction hold-out (and synth)")
-    parser.add_argument(
-        "--max-reject-fraction",
-        type=float,
-        default=0.5,
-        help="fail when more of the rows than this are rejected",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def model_pixel_defaults(model: str) -> tuple[int, int]:
-    """(min_pixels, max_pixels) from the model folder's preprocessor_config.json, else Qwen3-VL's."""
-    path = Path(model) / "preprocessor_config.json"
-    lo, hi = images_mod.DEFAULT_MIN_PIXELS, images_mod.DEFAULT_MAX_PIXELS
-    if path.is_file():
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        size = cfg.get("size") or {}
-        lo = int(size.get("shortest_edge", cfg.get("min_pixels", lo)))
-        hi = int(size.get("longest_edge", cfg.get("max_pixels", hi)))
-    return lo, hi
-
-
-def settings_from_args(args: argparse.Namespace) -> BuildSettings:
-    """BuildSettings from parsed `build`/`synth` options."""
-    lo, hi = model_pixel_defaults(args.model)
-    return BuildSettings(
-        min_pixels=args.min_pixels if args.min_pixels is not None else lo,
-        max_pixels=args.max_pixels if args.max_pixels is not None else hi,
-        max_image_pixels=args.max_image_pixels,
-        max_tokens=args.max_tokens or None,
-        samples_per_shard=args.samples_per_shard,
-        max_shard_bytes=args.max_shard_bytes,
-        image_format=args.image_format,
-        image_quality=args.image_quality,
-        train_on=args.train_on,
-        pad_answer_to=args.pad_answer_to,
-        seed=args.seed,
-        limit=getattr(args, "limit", None),
-        test_fraction=getattr(args, "test_fraction", 0.0),
-        max_reject_fraction=args.max_reject_fraction,
-    )
-
-
 def main(argv: list[str]) -> int:
     """`python -m data_tools build --source SPEC --output DIR --model PATH [options]`."""
     parser = argparse.ArgumentParser(prog="python -m data_tools build", description=__doc__.split("\n")[0])
@@ -646,13 +480,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--image-root", default=None, help="folder for relative image paths (default: the file's)"
     )
+    defaults = BuildSettings()
     parser.add_argument(
-        "--test-fraction", type=float, default=0.0, help="hold out this fraction as DIR/test/"
+        "--test-fraction",
+        type=float,
+        default=defaults.test_fraction,
+        help="hold out this fraction as DIR/test/ (default: %(default)s)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="read at most N rows per input split")
-    add_build_options(parser)
+    parser.add_argument(
+        "--limit", type=int, default=defaults.limit, help="read at most N rows per input split"
+    )
+    add_build_options(parser, defaults, pixels_from_model=True)
     args = parser.parse_args(argv)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, with_model_pixels(defaults, args.model))
     settings.validate()
     splits = args.split.split(",") if args.split else None
     source = open_source(args.source, args.format, splits, args.image_root)

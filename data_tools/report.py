@@ -1,15 +1,102 @@
-"""`verify` and `inspect`: check a shard set against its index; summarise it (table, histogram, plot)."""
+"""Reports on shard sets: the summary of a build (`SplitResult`, the table), and the `verify` and
+`inspect` commands (check a shard set against its index; table, token-length histogram, plot).
+
+(Named `report`, not `inspect`, so that it does not shadow the standard library's `inspect`.)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_tools import shards
-from data_tools.build import SplitResult, summary_table
+from data_tools.errors import BuildError
+
+
+@dataclass
+class SplitResult:
+    """What one split's build did (for the summary table)."""
+
+    name: str
+    directory: Path
+    num_samples: int = 0
+    num_images: int = 0
+    token_lengths: list[int] = field(default_factory=list)
+    rejects: Counter[str] = field(default_factory=Counter)
+    num_shards: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    resumed_shards: int = 0
+    skipped: bool = False
+
+
+def result_from_index(name: str, directory: Path, index: dict[str, Any]) -> SplitResult:
+    """A `SplitResult` (for the summary table) from the `index.json` of a complete split."""
+    return SplitResult(
+        name=name,
+        directory=directory,
+        num_samples=index["num_samples"],
+        num_images=index["num_images"],
+        token_lengths=[s["num_tokens"] for sh in index["shards"] for s in sh["samples"]],
+        rejects=Counter(index.get("rejects", {})),
+        num_shards=len(index["shards"]),
+        num_bytes=sum(sh["num_bytes"] for sh in index["shards"]),
+    )
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, int(q * (len(sorted_values) - 1) + 0.5))]
+
+
+def summary_table(results: list[SplitResult]) -> str:
+    """The end-of-build table: samples, rejects by reason, images, tokens, shards, bytes, seconds."""
+    header = [
+        "split",
+        "samples",
+        "rejected",
+        "images",
+        "tokens",
+        "mean",
+        "p50",
+        "p95",
+        "max",
+        "shards",
+        "MiB",
+        "s",
+    ]
+    rows = []
+    for r in results:
+        lengths = sorted(r.token_lengths)
+        rows.append(
+            [
+                r.name
+                + (" (done)" if r.skipped else f" (+{r.resumed_shards} resumed)" if r.resumed_shards else ""),
+                str(r.num_samples),
+                str(sum(r.rejects.values())),
+                str(r.num_images),
+                str(sum(lengths)),
+                f"{sum(lengths) / max(1, len(lengths)):.1f}",
+                str(_percentile(lengths, 0.5)),
+                str(_percentile(lengths, 0.95)),
+                str(lengths[-1] if lengths else 0),
+                str(r.num_shards),
+                f"{r.num_bytes / 2**20:.1f}",
+                f"{r.seconds:.1f}",
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    for r in results:
+        for reason, n in sorted(r.rejects.items()):
+            lines.append(f"  {r.name}: rejected {n} x {reason}")
+    return "\n".join(lines)
 
 
 def split_dirs(directory: Path) -> list[Path]:
@@ -22,21 +109,6 @@ def split_dirs(directory: Path) -> list[Path]:
         else []
     )
     return subs or [directory]
-
-
-def result_from_index(directory: Path, index: dict[str, Any]) -> SplitResult:
-    """A `SplitResult` (for the summary table) from an `index.json`."""
-    lengths = [s["num_tokens"] for sh in index["shards"] for s in sh["samples"]]
-    return SplitResult(
-        name=directory.name,
-        directory=directory,
-        num_samples=index["num_samples"],
-        num_images=index["num_images"],
-        token_lengths=lengths,
-        rejects=Counter(index.get("rejects", {})),
-        num_shards=len(index["shards"]),
-        num_bytes=sum(sh["num_bytes"] for sh in index["shards"]),
-    )
 
 
 def histogram(values: list[int], num_bins: int = 12, width: int = 40) -> str:
@@ -83,9 +155,9 @@ def main(argv: list[str]) -> int:
     for d in split_dirs(Path(args.directory)):
         try:
             index = shards.read_index(d)
-        except ValueError as e:
-            raise SystemExit(str(e)) from e
-        results.append(result_from_index(d, index))
+        except ValueError as e:  # a missing or foreign index.json: the user's input, not a bug
+            raise BuildError(str(e)) from e
+        results.append(result_from_index(d.name, d, index))
     print(summary_table(results))
     for r in results:
         print(f"\n{r.name}: tokens per sample")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from data_tools.errors import BuildError
+
 IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
 MASK_TOKEN = "<|mask|>"
@@ -77,13 +79,13 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {name_or_path}: cannot load a tokenizer ({e}); give a model folder") from e
+        raise BuildError(f"--model {name_or_path}: cannot load a tokenizer ({e}); give a model folder") from e
     if not tokenizer.chat_template:
-        raise SystemExit(
+        raise BuildError(
             f"--model {name_or_path}: the tokenizer has no chat template; use a Qwen3-VL model folder"
         )
     if not tokenizer.is_fast:
-        raise SystemExit(f"--model {name_or_path}: a fast tokenizer (tokenizer.json) is needed for offsets")
+        raise BuildError(f"--model {name_or_path}: a fast tokenizer (tokenizer.json) is needed for offsets")
     return tokenizer
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 from PIL import Image
 
+from data_tools.fileio import atomic_write_text, fsync_dir, temporary_path
+
 INDEX_FORMAT = "qwen3vl-mdlm-shards"
 INDEX_VERSION = 1
 INDEX_NAME = "index.json"
@@ -91,31 +93,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems / platforms do not allow opening a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_shard(path: str | os.PathLike[str], samples: Sequence[EncodedSample]) -> dict[str, Any]:
     """Write `samples` to the tar `path` atomically and return its `index.json` shard entry.
 
@@ -123,7 +100,8 @@ def write_shard(path: str | os.PathLike[str], samples: Sequence[EncodedSample]) 
     "num_tokens", "num_answer_tokens", "num_images", "image_grid_thw"}]}`.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Streamed, not built in memory: the same temporary name, fsync and rename as fileio's writes.
+    tmp = temporary_path(path)
     entries: list[dict[str, Any]] = []
     seen: set[str] = set()
     with open(tmp, "wb") as f:
@@ -151,7 +129,7 @@ def write_shard(path: str | os.PathLike[str], samples: Sequence[EncodedSample]) 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return {
         "name": path.name,
         "num_bytes": path.stat().st_size,
@@ -242,8 +220,8 @@ def make_index(
 
 def write_index(directory: str | os.PathLike[str], index: dict[str, Any]) -> None:
     """Write `DIR/index.json` atomically (the last file of a build)."""
-    data = json.dumps(index, ensure_ascii=False, indent=1, sort_keys=False).encode("utf-8")
-    atomic_write_bytes(Path(directory) / INDEX_NAME, data + b"\n")
+    text = json.dumps(index, ensure_ascii=False, indent=1, sort_keys=False)
+    atomic_write_text(Path(directory) / INDEX_NAME, text + "\n")
 
 
 def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:

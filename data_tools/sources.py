@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_tools.errors import BuildError
 from data_tools.samples import SampleError
 
 ROW_FORMATS = ("messages", "llava", "kodoc", "records")
@@ -102,7 +103,7 @@ def _read_json_rows(path: Path) -> list[Any]:
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(
+        raise BuildError(
             f"--source {path}: cannot read it as UTF-8 JSON ({e}); fix the file or use JSONL"
         ) from e
     if isinstance(data, dict):
@@ -111,7 +112,7 @@ def _read_json_rows(path: Path) -> list[Any]:
                 return data[name]
         return [data]
     if not isinstance(data, list):
-        raise SystemExit(f"--source {path}: expected a JSON list of records")
+        raise BuildError(f"--source {path}: expected a JSON list of records")
     return data
 
 
@@ -171,7 +172,7 @@ def open_source(
             )
             kinds = {p.suffix for p in files}
             if not files or len(kinds) != 1:
-                raise SystemExit(
+                raise BuildError(
                     f"--source {spec}: expected a save_to_disk folder, parquet/arrow files or a .json/.jsonl file"
                 )
             container = kinds.pop()[1:]
@@ -181,7 +182,7 @@ def open_source(
             try:
                 loaded = datasets.load_dataset(spec)
             except Exception as e:
-                raise SystemExit(
+                raise BuildError(
                     f"--source {spec}: not a local path and the hub dataset cannot be loaded ({e})"
                 ) from e
         base_dir = base_dir or (str(path if path.is_dir() else path.parent) if path.exists() else None)
@@ -189,7 +190,7 @@ def open_source(
             names = splits or list(loaded.keys())
             missing = [s for s in names if s not in loaded]
             if missing:
-                raise SystemExit(
+                raise BuildError(
                     f"--split {','.join(missing)}: not in {spec} (it has {', '.join(loaded.keys())})"
                 )
             data = {s: _hf_without_image_decoding(loaded[s]) for s in names}
@@ -199,12 +200,12 @@ def open_source(
         first = next((rows[0] for rows in data.values() if len(rows)), None)
         row_format = _detect_row_format(first)
         if row_format is None:
-            raise SystemExit(
+            raise BuildError(
                 f"--source {spec}: cannot tell the row layout from the first row; pass --format "
                 "messages|llava|kodoc"
             )
     elif row_format not in ROW_FORMATS:
-        raise SystemExit(f"--format {row_format}: use one of {', '.join(ROW_FORMATS[:3])}")
+        raise BuildError(f"--format {row_format}: use one of {', '.join(ROW_FORMATS[:3])}")
     return Source(spec=spec, container=container, row_format=row_format, splits=data, base_dir=base_dir)
 
 

@@ -20,6 +20,8 @@ A 64x64 image is 2x2 merged patches = 4 image tokens (128x64: 8), so the default
 min 4,096 / max 16,384 (images are never resized). Each sample JSON carries `"meta": {"task",
 "answer", "choices", "lang"}`; `index.json` carries `"synth": {"tasks": {task: {"choices",
 "chance"}}, ...}`. `DIR/train/` and `DIR/test/` are drawn from separate seeded streams.
+
+From Python: `run_synth(DIR, MODEL, SynthSettings(num=N, ...))`.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ import argparse
 import io
 import math
 import random
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from data_tools.build import add_build_options, run_build, settings_from_args, summary_table
+from data_tools.build import run_build
+from data_tools.errors import BuildError
+from data_tools.report import SplitResult, summary_table
+from data_tools.settings import BuildSettings, add_build_options, settings_from_args
 from data_tools.sources import Source
 
 SYNTH_MIN_PIXELS = 64 * 64
@@ -152,7 +156,7 @@ def nanum_font(size: int) -> ImageFont.FreeTypeFont:
     locations = list(spec.submodule_search_locations or []) if spec else []
     path = Path(locations[0] if locations else ".") / "fonts" / "NanumGothic.ttf"
     if not path.is_file():
-        raise SystemExit(
+        raise BuildError(
             f"{path} is missing: the label tasks need koreanize-matplotlib (pip install koreanize-matplotlib)"
         )
     return ImageFont.truetype(str(path), size)
@@ -241,13 +245,82 @@ def synth_index_block(tasks: list[str], seed: int, num_train: int, num_test: int
     }
 
 
+def _check_tasks(spec: str, names: list[str]) -> list[str]:
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise BuildError(f"--tasks {spec}: unknown task(s) {unknown}; choose from {', '.join(TASKS)} or all")
+    return names
+
+
 def parse_tasks(spec: str) -> list[str]:
     """`--tasks` value -> task names (`all`, or comma-separated names)."""
     names = list(TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
-        raise SystemExit(f"--tasks {spec}: unknown task(s) {unknown}; choose from {', '.join(TASKS)} or all")
-    return names
+    return _check_tasks(spec, names)
+
+
+def synth_build_settings(seed: int = 0) -> BuildSettings:
+    """The build settings of the demo set (change one with `dataclasses.replace`).
+
+    Images are never resized (64x64 and 128x64 lie inside the pixel range) and stored losslessly;
+    answers are at most a few tokens, so a canvas of 8 (the demo's generation length) holds any."""
+    return BuildSettings(
+        min_pixels=SYNTH_MIN_PIXELS,
+        max_pixels=SYNTH_MAX_PIXELS,
+        image_format="png",
+        samples_per_shard=500,
+        pad_answer_to=SYNTH_ANSWER_CANVAS,
+        seed=seed,
+    )
+
+
+@dataclass
+class SynthSettings:
+    """What `run_synth` renders (recorded in `index.json` "synth") and how it builds it."""
+
+    num: int
+    """Training samples (`DIR/train/`)."""
+    num_test: int | None = None
+    """Held-out samples (`DIR/test/`); None = max(60, num // 8)."""
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    """Task names (module docstring), drawn in turn."""
+    build: BuildSettings = field(default_factory=synth_build_settings)
+    """How the rows become shards; `build.seed` also seeds the rendered rows."""
+
+    def validate(self) -> None:
+        """Raise `BuildError` with a one-line message on impossible values."""
+        _check_tasks(",".join(self.tasks), list(self.tasks))
+        if self.num < 1:
+            raise BuildError(f"--num {self.num}: must be >= 1")
+        self.build.validate()
+
+    @property
+    def resolved_num_test(self) -> int:
+        """`num_test`, or its default when None."""
+        return self.num_test if self.num_test is not None else max(60, self.num // 8)
+
+
+def run_synth(
+    output: str | Path, model: str, settings: SynthSettings, workers: int = 1, progress: bool = True
+) -> list[SplitResult]:
+    """Render the rows and build `output/train/` and `output/test/`; returns the split results."""
+    settings.validate()
+    seed, num_test = settings.build.seed, settings.resolved_num_test
+    tasks = list(settings.tasks)
+    rows = {
+        "train": make_rows(settings.num, tasks, seed, "train"),
+        "test": make_rows(num_test, tasks, seed, "test"),
+    }
+    source = Source(spec="synth", container="synth", row_format="records", splits=rows, base_dir=None)
+    return run_build(
+        source,
+        output,
+        model,
+        settings.build,
+        workers,
+        extra_index=synth_index_block(tasks, seed, settings.num, num_test),
+        progress=progress,
+        force_split_dirs=True,
+    )
 
 
 def synthesize(
@@ -259,19 +332,19 @@ def synthesize(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
-    argv_extra: list[str] | None = None,
-) -> list[Any]:
-    """Python entry: render and build `output/train/` and `output/test/`; returns the split results."""
-    argv = ["--output", str(output), "--model", model, "--num", str(num), "--seed", str(seed)]
-    argv += ["--workers", str(workers), "--tasks", ",".join(tasks or DEFAULT_TASKS)]
-    if num_test is not None:
-        argv += ["--num-test", str(num_test)]
-    if not progress:
-        argv.append("--no-progress")
-    return _run(_parser().parse_args(argv + (argv_extra or [])))
+) -> list[SplitResult]:
+    """`run_synth` with the demo's build settings, from plain values (the demo pipeline's entry)."""
+    settings = SynthSettings(
+        num=num,
+        num_test=num_test,
+        tasks=tuple(tasks or DEFAULT_TASKS),
+        build=synth_build_settings(seed),
+    )
+    return run_synth(output, model, settings, workers, progress)
 
 
-def _parser() -> argparse.ArgumentParser:
+def main(argv: list[str]) -> int:
+    """`python -m data_tools synth --output DIR --num N --model PATH [--tasks ...]`."""
     parser = argparse.ArgumentParser(
         prog="python -m data_tools synth",
         description="Render the synthetic demo dataset into DIR/train/ and DIR/test/ shard sets.",
@@ -283,48 +356,15 @@ def _parser() -> argparse.ArgumentParser:
         "--num-test", type=int, default=None, help="held-out samples (default: max(60, num // 8))"
     )
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks, or all")
-    add_build_options(parser)
-    parser.set_defaults(
-        min_pixels=SYNTH_MIN_PIXELS,
-        max_pixels=SYNTH_MAX_PIXELS,
-        image_format="png",
-        samples_per_shard=500,
-        # Answers are at most a few tokens: a canvas of 8 (the demo's generation length) holds any.
-        pad_answer_to=SYNTH_ANSWER_CANVAS,
+    defaults = synth_build_settings()
+    add_build_options(parser, defaults, pixels_from_model=False)
+    args = parser.parse_args(argv)
+    settings = SynthSettings(
+        num=args.num,
+        num_test=args.num_test,
+        tasks=tuple(parse_tasks(args.tasks)),
+        build=settings_from_args(args, defaults),
     )
-    return parser
-
-
-def _run(args: argparse.Namespace) -> list[Any]:
-    tasks = parse_tasks(args.tasks)
-    if args.num < 1:
-        raise SystemExit(f"--num {args.num}: must be >= 1")
-    num_test = args.num_test if args.num_test is not None else max(60, args.num // 8)
-    settings = settings_from_args(args)
-    rows = {
-        "train": make_rows(args.num, tasks, args.seed, "train"),
-        "test": make_rows(num_test, tasks, args.seed, "test"),
-    }
-    source = Source(spec="synth", container="synth", row_format="records", splits=rows, base_dir=None)
-    extra = synth_index_block(tasks, args.seed, args.num, num_test)
-    return run_build(
-        source,
-        args.output,
-        args.model,
-        settings,
-        args.workers,
-        extra_index=extra,
-        progress=not args.no_progress,
-        force_split_dirs=True,
-    )
-
-
-def main(argv: list[str]) -> int:
-    """`python -m data_tools synth --output DIR --num N --model PATH [--tasks ...]`."""
-    results = _run(_parser().parse_args(argv))
+    results = run_synth(args.output, args.model, settings, args.workers, progress=not args.no_progress)
     print(summary_table(results))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

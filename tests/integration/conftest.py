@@ -36,12 +36,20 @@ def _text_rows(num: int, split: str) -> list[dict[str, Any]]:
 
 def build_mixed_shards(out: Path, model_dir: Path, num_image: int, num_text: int, num_test: int) -> Path:
     """`out/train` and `out/test` shard sets built by data_tools (synthetic shapes + text-only rows)."""
-    from data_tools.build import run_build, settings_from_args
+    from data_tools.build import run_build
+    from data_tools.settings import BuildSettings
     from data_tools.sources import Source
-    from data_tools.synth import _parser, make_rows
+    from data_tools.synth import make_rows
 
-    args = _parser().parse_args(
-        ["--output", str(out), "--model", str(model_dir), "--num", "1", "--no-progress"]
+    # The demo set's build settings, spelled out rather than taken from synth: the golden-loss
+    # test needs exactly these shards even if synth's defaults move.
+    settings = BuildSettings(
+        min_pixels=64 * 64,
+        max_pixels=128 * 128,
+        image_format="png",
+        samples_per_shard=500,
+        pad_answer_to=8,
+        seed=0,
     )
     splits: dict[str, list[dict[str, Any]]] = {}
     for split, n_img, n_txt in (("train", num_image, num_text), ("test", num_test, num_test // 2)):
@@ -53,7 +61,7 @@ def build_mixed_shards(out: Path, model_dir: Path, num_image: int, num_text: int
             rows += images[i : i + 1] + texts[i : i + 1]
         splits[split] = rows
     source = Source(spec="test", container="synth", row_format="records", splits=splits, base_dir=None)
-    run_build(source, out, str(model_dir), settings_from_args(args), 1, progress=False, force_split_dirs=True)
+    run_build(source, out, str(model_dir), settings, 1, progress=False, force_split_dirs=True)
     return out
 
 

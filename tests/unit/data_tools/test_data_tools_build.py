@@ -1,26 +1,22 @@
-"""Every source format through `build`, every rejection reason, resume, reproducibility, readers."""
+"""Every source format through `build`, every rejection reason, user errors, settings and CLI defaults.
+
+Resume after a kill and reproducibility across worker counts: tests/integration/data_tools/."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from data_tools import shards, sources
 from data_tools.__main__ import main as cli
-
-ROOT = Path(__file__).resolve().parents[2]
+from data_tools.build import run_build
+from data_tools.errors import BuildError
+from data_tools.settings import BuildSettings, with_model_pixels
 
 
 def _png(colour: str = "red", size: tuple[int, int] = (80, 60)) -> bytes:
@@ -219,7 +215,9 @@ def test_hf_messages_with_image_column(tmp_path: Path, tiny_model_dir: Path) -> 
     assert shards.read_index(tmp_path / "five")["num_samples"] == 5
 
 
-def test_every_rejection_reason(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_every_rejection_reason(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "ok.png").write_bytes(_png())
     (tmp_path / "bad.png").write_bytes(_png()[:70])
     (tmp_path / "big.png").write_bytes(_png(size=(400, 300)))
@@ -252,8 +250,8 @@ def test_every_rejection_reason(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "out"
     common = ["--max-image-pixels", "100000", "--max-tokens", "200"]
     # Too many rejects: the build fails and says why.
-    with pytest.raises(SystemExit, match="max-reject-fraction"):
-        _build(str(tmp_path / "d.jsonl"), out, tiny_model_dir, *common)
+    assert _build(str(tmp_path / "d.jsonl"), out, tiny_model_dir, *common) == 1
+    assert "max-reject-fraction" in capsys.readouterr().err
     assert not (out / "index.json").exists() and shards.verify(out) != []
     assert _build(str(tmp_path / "d.jsonl"), out, tiny_model_dir, *common, "--max-reject-fraction", "1") == 0
     assert _rejects(out) == [
@@ -278,101 +276,36 @@ def test_every_rejection_reason(tmp_path: Path, tiny_model_dir: Path) -> None:
     )
 
 
-def test_unreadable_input_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_unreadable_input_is_a_clear_error(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "x.json").write_bytes(b"\xff not json")
-    with pytest.raises(SystemExit, match="cannot read it as UTF-8 JSON"):
-        _build(str(tmp_path / "x.json"), tmp_path / "o", tiny_model_dir)
+    # The library raises BuildError; only the CLI turns it into one line on stderr and status 1.
+    with pytest.raises(BuildError, match="cannot read it as UTF-8 JSON"):
+        sources.open_source(str(tmp_path / "x.json"))
+    assert _build(str(tmp_path / "x.json"), tmp_path / "o", tiny_model_dir) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("data_tools: error: --source ") and "cannot read it as UTF-8 JSON" in err
+    assert err.count("\n") == 1
     (tmp_path / "y.json").write_text(json.dumps([{"foo": 1}]))
-    with pytest.raises(SystemExit, match="pass --format"):
-        _build(str(tmp_path / "y.json"), tmp_path / "o", tiny_model_dir)
+    assert _build(str(tmp_path / "y.json"), tmp_path / "o", tiny_model_dir) == 1
+    assert "pass --format" in capsys.readouterr().err
 
 
-def _synth(out: Path, model: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "data_tools",
-        "synth",
-        "--output",
-        str(out),
-        "--model",
-        str(model),
-        "--no-progress",
-        *extra,
-    ]
-
-
-def test_reproducible_across_workers_and_readable(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from data_tools.synth import synthesize
-
-    synthesize(
-        tmp_path / "a",
-        str(tiny_model_dir),
-        120,
-        20,
-        tasks=["colour_en", "label_ko"],
-        workers=1,
-        progress=False,
-        argv_extra=["--samples-per-shard", "50"],
+def test_build_settings_validate_and_cli_defaults(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
     )
-    synthesize(
-        tmp_path / "b",
-        str(tiny_model_dir),
-        120,
-        20,
-        tasks=["colour_en", "label_ko"],
-        workers=2,
-        progress=False,
-        argv_extra=["--samples-per-shard", "50"],
-    )
-    for split in ["train", "test"]:
-        names = sorted(p.name for p in (tmp_path / "a" / split).iterdir())
-        assert names == sorted(p.name for p in (tmp_path / "b" / split).iterdir())
-        for name in names:
-            assert (tmp_path / "a" / split / name).read_bytes() == (
-                tmp_path / "b" / split / name
-            ).read_bytes(), name
-    train = tmp_path / "a" / "train"
-    assert len(shards.read_index(train)["shards"]) == 3
-    with tarfile.open(train / "shard-000000.tar") as tar:
-        names = tar.getnames()
-    assert names[:2] == ["train-000000000.json", "train-000000000.0.png"]
-    rows = list(
-        wds.WebDataset(sorted(str(p) for p in train.glob("shard-*.tar")), shardshuffle=False).decode("pil")
-    )
-    assert len(rows) == 120 and rows[5]["json"]["key"] == rows[5]["__key__"]
-    assert rows[5]["0.png"].size == (64, 64) or rows[5]["0.png"].size == (128, 64)
-
-
-def test_killed_build_resumes_to_identical_output(tmp_path: Path, tiny_model_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = ["--num", "800", "--num-test", "10", "--samples-per-shard", "40"]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(_synth(out, tiny_model_dir, *args), env=env, cwd=ROOT)
-    marker = out / "train" / ".build" / "shard-000002.json"
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists() and not (out / "train" / "index.json").exists(), "the build was not killed midway"
-    problems = shards.verify(out / "train")
-    assert problems and "not a complete shard set" in problems[0]
-    # Leftovers like a half-written temp shard must not survive the resume.
-    (out / "train" / ".shard-000099.tar.tmp-1").write_bytes(b"partial")
-    resume = ["synth", "--model", str(tiny_model_dir), "--no-progress", *args]
-    assert cli([*resume, "--output", str(out)]) == 0  # in-process from here on: no interpreter start-up
-    assert shards.verify(out / "train") == [] and shards.verify(out / "test") == []
-    clean = tmp_path / "clean"
-    assert cli([*resume, "--output", str(clean)]) == 0
-    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
-        p.name for p in (clean / "train").iterdir()
-    )
-    for p in sorted((clean / "train").iterdir()):
-        assert (out / "train" / p.name).read_bytes() == p.read_bytes(), p.name
-    # A third run finds the set complete and leaves it alone; other settings are refused.
-    before = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
-    assert cli([*resume, "--output", str(out)]) == 0
-    assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == before
-    with pytest.raises(SystemExit, match="other settings"):
-        cli([*resume, "--output", str(out), "--seed", "5"])
+    source = sources.open_source(str(tmp_path / "d.jsonl"))
+    with pytest.raises(BuildError, match="--image-format gif: use one of jpeg, png, webp"):
+        BuildSettings(image_format="gif").validate()
+    with pytest.raises(BuildError, match="--workers 0: must be >= 1"):
+        run_build(source, tmp_path / "o", str(tiny_model_dir), BuildSettings(), workers=0)
+    # Without options, the CLI builds what BuildSettings() describes (pixels from the model folder).
+    argv = ["build", "--source", str(tmp_path / "d.jsonl"), "--model", str(tiny_model_dir), "--no-progress"]
+    assert cli([*argv, "--output", str(tmp_path / "cli")]) == 0
+    settings = with_model_pixels(BuildSettings(), str(tiny_model_dir))
+    run_build(source, tmp_path / "api", str(tiny_model_dir), settings, progress=False)
+    for name in ("index.json", "shard-000000.tar"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes(), name

@@ -8,7 +8,7 @@ import pytest
 
 from data_tools import shards
 from data_tools.__main__ import main as cli
-from data_tools.inspect import histogram
+from data_tools.report import histogram
 
 
 @pytest.fixture(scope="module")

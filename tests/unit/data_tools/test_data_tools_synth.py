@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from data_tools import shards, synth
+from data_tools.errors import BuildError
 
 
 def test_default_demo_set(tmp_path: Path, tiny_model_dir: Path, data_tools_tokenizer: Any) -> None:
@@ -55,8 +56,12 @@ def test_seeded_and_all_tasks_render() -> None:
     c = synth.make_rows(16, list(synth.TASKS), seed=4, split="train")
     assert [r["images"] for r in a] == [r["images"] for r in b] != [r["images"] for r in c]
     assert {r["meta"]["task"] for r in a} == set(synth.TASKS)
-    with pytest.raises(SystemExit, match="unknown task"):
+    with pytest.raises(BuildError, match="unknown task"):
         synth.parse_tasks("colour_en,nope")
+    with pytest.raises(BuildError, match="--tasks colour_en,nope: unknown task"):
+        synth.SynthSettings(num=4, tasks=("colour_en", "nope")).validate()
+    with pytest.raises(BuildError, match="--num 0: must be >= 1"):
+        synth.SynthSettings(num=0).validate()
 
 
 def test_help_states_the_answer_space(capsys: pytest.CaptureFixture[str]) -> None:

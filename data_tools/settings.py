@@ -1,0 +1,204 @@
+"""`BuildSettings`: everything that decides the bytes of a shard set, and its command-line options.
+
+Build from Python with the constructor (`BuildSettings(image_format="png")`); the `build` and
+`synth` parsers take their option defaults from a `BuildSettings` value, so every default is
+written once, in the dataclass (synth passes its own value, `synth.synth_build_settings()`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from data_tools import images as images_mod
+from data_tools.errors import BuildError
+from data_tools.sources import Source
+
+TRAIN_ON = ("last", "all")
+
+
+@dataclass
+class BuildSettings:
+    """Everything that decides the bytes of a shard set (recorded in `index.json` "build")."""
+
+    min_pixels: int = images_mod.DEFAULT_MIN_PIXELS
+    """Fewest pixels of a resized image (Qwen3-VL: 65,536 = 64 tokens)."""
+    max_pixels: int = images_mod.DEFAULT_MAX_PIXELS
+    """Most pixels of a resized image (Qwen3-VL: 16,777,216 = 16,384 tokens)."""
+    max_image_pixels: int = images_mod.DEFAULT_MAX_IMAGE_PIXELS
+    """Source images above this many pixels (read from the header) are rejected, never decoded."""
+    max_tokens: int | None = 8192
+    """Samples longer than this are rejected (`too_many_tokens`); None = no limit."""
+    samples_per_shard: int = 1000
+    """A shard is closed when it holds this many samples."""
+    max_shard_bytes: int = 512 * 1024 * 1024
+    """... or when the next sample would take it over this many bytes."""
+    image_format: str = "jpeg"
+    """Stored image format: jpeg | png | webp."""
+    image_quality: int = 95
+    """JPEG / WebP quality."""
+    train_on: str = "last"
+    """Answer mask on the `last` assistant turn or on `all` assistant turns."""
+    pad_answer_to: int = 0
+    """Pad the last answer to this many target tokens with `<|endoftext|>` (0 = off; LLaDA's SFT
+    recipe: the model learns to end a fixed-size generation canvas; see samples.tokenize_conversation)."""
+    seed: int = 0
+    """Seeds the held-out split (`test_fraction`)."""
+    limit: int | None = None
+    """Read at most this many rows of each input split."""
+    test_fraction: float = 0.0
+    """Hold out this fraction of a single input split as `test` (by a seeded hash of the row position)."""
+    max_reject_fraction: float = 0.5
+    """The build fails when more than this fraction of rows is rejected."""
+
+    def validate(self) -> None:
+        """Raise `BuildError` with a one-line message on impossible values."""
+        if self.image_format not in images_mod.IMAGE_FORMATS:
+            raise BuildError(f"--image-format {self.image_format}: use one of jpeg, png, webp")
+        if self.train_on not in TRAIN_ON:
+            raise BuildError(f"--train-on {self.train_on}: use last or all")
+        if self.pad_answer_to < 0:
+            raise BuildError(f"--pad-answer-to {self.pad_answer_to}: must be >= 0 (0 = no padding)")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise BuildError(
+                f"--min-pixels {self.min_pixels} / --max-pixels {self.max_pixels}: need 0 < min <= max"
+            )
+        if self.samples_per_shard < 1 or self.max_shard_bytes < 1024:
+            raise BuildError("--samples-per-shard must be >= 1 and --max-shard-bytes >= 1024")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise BuildError(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise BuildError(f"--max-reject-fraction {self.max_reject_fraction}: must be in [0, 1]")
+
+
+def build_info_for(source: Source, settings: BuildSettings, input_split: str, name: str) -> dict[str, Any]:
+    """The `index.json` "build" block: settings plus where the rows came from."""
+    info = asdict(settings)
+    # Not a property of the output: a re-run with another threshold may resume or reuse the set.
+    info.pop("max_reject_fraction")
+    info.update(
+        source=source.spec,
+        container=source.container,
+        row_format=source.row_format,
+        input_split=input_split,
+        split=name,
+    )
+    return info
+
+
+def with_model_pixels(settings: BuildSettings, model: str) -> BuildSettings:
+    """`settings` with min/max pixels from the model folder's preprocessor_config.json, if it has one."""
+    path = Path(model) / "preprocessor_config.json"
+    if not path.is_file():
+        return settings
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    size = cfg.get("size") or {}
+    return dataclasses.replace(
+        settings,
+        min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", settings.min_pixels))),
+        max_pixels=int(size.get("longest_edge", cfg.get("max_pixels", settings.max_pixels))),
+    )
+
+
+def add_build_options(
+    parser: argparse.ArgumentParser, defaults: BuildSettings, pixels_from_model: bool
+) -> None:
+    """Options shared by `build` and `synth`; settings options default to the fields of `defaults`.
+
+    `--min-pixels` / `--max-pixels` default to None (= take `defaults`' value, which `build` first
+    replaces by the model's preprocessor values when `pixels_from_model`; see `settings_from_args`).
+    """
+    parser.add_argument(
+        "--output", required=True, help="output directory (DIR/<split>/ when there are several)"
+    )
+    parser.add_argument(
+        "--model", required=True, help="model folder (or hub id) whose tokenizer and template to use"
+    )
+    source = "the model's preprocessor, else " if pixels_from_model else ""
+    parser.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help=f"fewest pixels of a resized image (default: {source}{defaults.min_pixels})",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help=f"most pixels of a resized image (default: {source}{defaults.max_pixels})",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        help="reject source images above this many pixels (checked before decoding; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=defaults.max_tokens or 0,
+        help="reject longer samples (0 = no limit; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=defaults.samples_per_shard,
+        help="close a shard at this many samples (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=defaults.max_shard_bytes,
+        help="... or before it passes this many bytes (default: %(default)s)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--image-format",
+        choices=sorted(images_mod.IMAGE_FORMATS),
+        default=defaults.image_format,
+        help="stored image format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-quality",
+        type=int,
+        default=defaults.image_quality,
+        help="JPEG/WebP quality (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-on",
+        choices=TRAIN_ON,
+        default=defaults.train_on,
+        help="answer mask on the last assistant turn or all of them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pad-answer-to",
+        type=int,
+        default=defaults.pad_answer_to,
+        help="pad the last answer to N target tokens with <|endoftext|> (LLaDA SFT; 0 = off; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seeds the --test-fraction hold-out (and synth)"
+    )
+    parser.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=defaults.max_reject_fraction,
+        help="fail when more of the rows than this are rejected (default: %(default)s)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args: argparse.Namespace, defaults: BuildSettings) -> BuildSettings:
+    """`defaults` with every `BuildSettings` field that the parsed options set (None = not set)."""
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(BuildSettings)
+        if getattr(args, f.name, None) is not None
+    }
+    if "max_tokens" in values:
+        values["max_tokens"] = values["max_tokens"] or None  # the command line writes "no limit" as 0
+    return dataclasses.replace(defaults, **values)
