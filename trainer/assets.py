@@ -113,17 +113,21 @@ QWEN3_VL_IMAGE_PROCESSOR = {
 }
 
 
+class MissingAssetError(RuntimeError):
+    """The Qwen BPE ranks cannot be found or read (a broken or missing `dashscope` install)."""
+
+
 def qwen_tiktoken_path() -> Path:
     """Where the Qwen BPE ranks lie: inside the installed `dashscope` wheel (found, not imported)."""
     spec = importlib.util.find_spec("dashscope")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
+        raise MissingAssetError(
             "the Qwen BPE ranks come from the `dashscope` wheel, which is not installed: "
             "run `pip install -e .[dev]` (or `pip install dashscope`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
     if not path.is_file():
-        raise SystemExit(
+        raise MissingAssetError(
             f"{path} is missing: reinstall dashscope (`pip install --force-reinstall dashscope`)"
         )
     return path
@@ -152,7 +156,7 @@ def _read_bpe_ranks(path: Path) -> dict[bytes, int]:
             token_b64, rank = line.split()
             ranks[base64.b64decode(token_b64)] = int(rank)
     if len(ranks) != NUM_BPE_TOKENS:
-        raise SystemExit(f"{path}: expected {NUM_BPE_TOKENS} BPE ranks, found {len(ranks)}")
+        raise MissingAssetError(f"{path}: expected {NUM_BPE_TOKENS} BPE ranks, found {len(ranks)}")
     return ranks
 
 

@@ -81,7 +81,8 @@ class DiffusionConfig:
     shift: bool = False
     """Position i-1 predicts token i (Dream / DiffuLLaMA style AR adaptation)."""
     normalizer: str = "answer_tokens"
-    """Loss normaliser: answer_tokens (global count across micro-batches and ranks) or masked_tokens."""
+    """Loss normaliser: answer_tokens, the global count across micro-batches and ranks (the only one:
+    the gradient then does not depend on packing or sharding; docs/DESIGN.md §3)."""
     mask_prompt_loss: bool = True
     """Only answer tokens are masked and scored; prompt/image/template tokens never are (MDLM SFT)."""
     ce_chunk_size: int = 1024
@@ -102,6 +103,9 @@ class DataConfig:
     """Tokens per packed row (longer samples are skipped and counted)."""
     packing: bool = True
     """Pack several samples into one row with block-diagonal attention."""
+    drop_remainder: bool = False
+    """Drop the packs left over at the end of an epoch (fewer than one global step) instead of
+    carrying them into the next epoch's stream."""
     num_workers: int = 2
     """DataLoader worker processes per rank (reading, image decoding, collation; 0 = in the main process)."""
 
@@ -270,7 +274,7 @@ ALIASES: dict[str, str | None] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": CONFIG_CHOICES,
     "diffusion.schedule": ("linear", "cosine"),
-    "diffusion.normalizer": ("answer_tokens", "masked_tokens"),
+    "diffusion.normalizer": ("answer_tokens",),
     "schedule.lr_scheduler": ("cosine", "linear", "constant"),
     "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
 }

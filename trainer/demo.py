@@ -25,14 +25,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.config import TrainConfig, load_config
+from trainer.distributed import free_port
 from trainer.sampling import GenerationConfig
 
 # Tiny model shape that learns the demo in minutes (DESIGN.md, "What a tiny model can learn").
@@ -51,9 +52,13 @@ TINY_SHAPE: dict[str, float] = {
 }
 
 
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
 @dataclass
 class DemoConfig:
-    """Settings of one demo run (defaults: the README's `make demo`)."""
+    """Settings of one demo run (defaults: the README's `make demo`); the training recipe itself is
+    `configs/demo.yaml`, to which the demo adds only paths and the budget."""
 
     output: str = "runs/demo"
     """Run directory (recreated: the demo always starts from scratch)."""
@@ -64,33 +69,21 @@ class DemoConfig:
     tasks: str = "colour_en,colour_ko,shape_en,shape_ko"
     """Synthetic tasks (data_tools synth --tasks); all have chance <= 1/4."""
     train_seconds: float = 300.0
-    """Wall-clock training budget (the loop checkpoints and stops at this limit)."""
+    """Wall-clock training budget (the loop checkpoints and stops at this limit; 0 = none)."""
     max_steps: int = 2000
-    """Upper bound on optimizer steps (the time limit normally stops first)."""
+    """Optimizer steps (the time limit normally stops first)."""
     nproc: int = 2
     """DeepSpeed ranks (CPU processes, gloo)."""
-    lora: bool = False
-    """Train LoRA adapters instead of the whole language model (learns this task worse)."""
-    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    """LoRA targets when `lora` (attention and MLP: a random base needs the capacity)."""
-    lr: float = 6e-4
-    """Learning rate (AdamW, constant after warmup)."""
-    micro_batch_size: int = 2
-    """Packed rows per rank and step (about 9 samples per 256-token row: ~36 samples per step)."""
-    max_tokens: int = 256
-    """Tokens per packed row."""
-    eval_every: int = 150
-    """Steps between held-out NELBO evaluations during training (the eval curve of loss.png)."""
-    seed: int = 0
-    """Seed of model weights, data and training."""
+    recipe: str = str(DEMO_RECIPE)
+    """The training config file."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted config overrides on top of the recipe (e.g. {"lora.enabled": True})."""
     max_new_tokens: int = 8
     """Answer canvas for the held-out generation (one word + <|im_end|>)."""
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    def train_config(self) -> TrainConfig:
+        """The recipe with the overrides (what the ranks train with, less paths and budget)."""
+        return load_config(self.recipe, dict(self.overrides))
 
 
 def _log(message: str) -> None:
@@ -98,54 +91,25 @@ def _log(message: str) -> None:
 
 
 def train_command(config: DemoConfig, model_dir: Path, shards: Path, train_dir: Path) -> list[str]:
-    """The training launch: `torchrun` with `nproc` CPU ranks running `python -m trainer train`
-    (each rank builds its DeepSpeed engine; gloo on CPU)."""
+    """The training launch: `torchrun` with `nproc` CPU ranks running `python -m trainer train` on the
+    recipe (each rank builds its DeepSpeed engine; gloo on CPU); only paths and budget are added."""
     overrides = {
+        **config.overrides,
         "output_dir": train_dir,
-        "seed": config.seed,
         "model.name_or_path": model_dir,
-        "model.attn_implementation": "sdpa",
-        "lora.enabled": config.lora,
-        # The [151936, 128] embedding is 97% of the tiny LM: training it costs most of each step.
-        "model.train_embeddings": False,
-        "lora.target_modules": config.lora_target_modules,
-        "lora.dropout": 0.0,
         "data.train": shards / "train",
         "data.test": shards / "test",
-        "data.max_tokens": config.max_tokens,
-        "data.packing": True,
-        "data.num_workers": 1,
-        "optim.lr": config.lr,
-        "optim.weight_decay": 0.0,
-        "schedule.epochs": 100,
         "schedule.max_steps": config.max_steps,
-        "schedule.micro_batch_size": config.micro_batch_size,
-        "schedule.grad_accum_steps": 1,
-        "schedule.lr_scheduler": "constant",
-        "schedule.warmup_steps": 10,
         "schedule.time_limit_s": config.train_seconds,
-        "checkpoint.save_every": 0,
-        "checkpoint.save_at_end": True,
-        "logging.log_every": 5,
-        "logging.progress": False,
-        "eval.every": config.eval_every,
-        "eval.max_samples": config.num_test,
-        "deepspeed.config": "zero2",
-        "deepspeed.precision": "fp32",
     }
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={config.nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "trainer",
-        "train",
-    ]
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={config.nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "trainer", "train",
+        "--config", config.recipe,
+    ]  # fmt: skip
     for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
+        text = ",".join(value) if isinstance(value, list) else str(value)
+        command += [f"--{key}", text]
     return command
 
 
@@ -204,69 +168,33 @@ def plot_curves(metrics_jsonl: Path, out_png: Path, before: dict[str, Any], afte
     plt.close(fig)
 
 
-def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Run the whole demo; returns the report written to `OUT/report.json`."""
-    import torch
-
+def _build_inputs(config: DemoConfig, out: Path) -> tuple[Path, Path]:
+    """Steps 1-2: the tiny model folder and the synthetic shards."""
     from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS, synthesize
-    from trainer.assets import load_processor, make_tiny
-    from trainer.evaluate import evaluate_shards, format_table
-    from trainer.sampling import load_model
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    out = Path(config.output)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / "metrics").mkdir()
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    from trainer.assets import make_tiny
 
     _log("1/5 tiny model")
     # The model's image processor resizes to the synthetic images' range, so `generate` on the
     # trained model sees images as training did (4 tokens, not Qwen's 64-token minimum).
     model_dir = make_tiny(
-        out / "tiny-model",
-        seed=config.seed,
-        min_pixels=SYNTH_MIN_PIXELS,
-        max_pixels=SYNTH_MAX_PIXELS,
+        out / "tiny-model", seed=config.train_config().seed, min_pixels=SYNTH_MIN_PIXELS, max_pixels=SYNTH_MAX_PIXELS,
         **TINY_SHAPE,
-    )
+    )  # fmt: skip
     _log("2/5 synthetic shards")
     shards = out / "shards"
     synthesize(
         shards, str(model_dir), config.num_train, config.num_test, tasks=config.tasks.split(","),
-        seed=config.seed, progress=False,
+        seed=config.train_config().seed, progress=False,
     )  # fmt: skip
-    timings["setup_s"] = time.perf_counter() - started
+    return model_dir, shards
 
-    processor = load_processor(model_dir)
-    generation = GenerationConfig(
-        max_new_tokens=config.max_new_tokens, steps=config.max_new_tokens, block_size=config.max_new_tokens
-    )
 
-    def evaluate(model: Any, image_mode: str) -> dict[str, Any]:
-        report = evaluate_shards(
-            model, shards / "test", processor, generation=generation, metric="exact_match",
-            image_mode=image_mode, max_tokens=config.max_tokens, seed=config.seed,
-        )  # fmt: skip
-        name = {"normal": "after", "blank": "blank_images", "shuffled": "shuffled_images"}[image_mode]
-        (out / "metrics" / f"{name}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        return report
+def _train(config: DemoConfig, model_dir: Path, shards: Path, out: Path) -> Path:
+    """Step 4: the ranks train; returns the committed checkpoint."""
+    from trainer.checkpoint import checkpoint_root, latest_valid
 
-    _log("3/5 evaluate the untrained model")
-    t0 = time.perf_counter()
-    untrained = load_model(str(model_dir), device="cpu")
-    before = evaluate_shards(
-        untrained, shards / "test", processor, generation=generation, metric="exact_match",
-        max_tokens=config.max_tokens, seed=config.seed,
-    )  # fmt: skip
-    (out / "metrics" / "before.json").write_text(json.dumps(before, indent=2, ensure_ascii=False) + "\n")
-    del untrained
-    timings["eval_before_s"] = time.perf_counter() - t0
-
-    _log(f"4/5 train: DeepSpeed ZeRO-2, {config.nproc} CPU ranks, {config.train_seconds:.0f} s")
-    t0 = time.perf_counter()
+    budget = f"{config.train_seconds:.0f} s" if config.train_seconds else f"{config.max_steps} steps"
+    _log(f"4/5 train: DeepSpeed ZeRO-2, {config.nproc} CPU ranks, {budget}; log: {out / 'train.log'}")
     train_dir = out / "train"
     command = train_command(config, model_dir, shards, train_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -275,48 +203,82 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     if done.returncode != 0:
         tail = (out / "train.log").read_text(encoding="utf-8")[-3000:]
         raise RuntimeError(f"training failed (exit {done.returncode}); see {out / 'train.log'}:\n{tail}")
-    timings["train_s"] = time.perf_counter() - t0
-    from trainer.checkpoint import checkpoint_root, latest_valid
-
     checkpoint = latest_valid(checkpoint_root(train_dir))
     if checkpoint is None:
         raise RuntimeError(f"training wrote no checkpoint under {train_dir}; see {out / 'train.log'}")
+    return checkpoint
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run the whole demo; returns the report written to `OUT/report.json`."""
+    import torch
+
+    from trainer.assets import load_processor
+    from trainer.evaluate import evaluate_shards, format_table
+    from trainer.sampling import load_model
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    recipe = config.train_config()
+    out = Path(config.output)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "metrics").mkdir(parents=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model_dir, shards = _build_inputs(config, out)
+    timings["setup_s"] = time.perf_counter() - started
+
+    processor = load_processor(model_dir)
+    canvas = config.max_new_tokens
+    generation = GenerationConfig(max_new_tokens=canvas, steps=canvas, block_size=canvas)
+
+    def evaluate(model: Any, image_mode: str, name: str) -> dict[str, Any]:
+        report = evaluate_shards(
+            model, shards / "test", processor, generation=generation, metric="exact_match",
+            image_mode=image_mode, max_tokens=recipe.data.max_tokens, seed=recipe.seed,
+        )  # fmt: skip
+        (out / "metrics" / f"{name}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        return report
+
+    _log("3/5 evaluate the untrained model")
+    t0 = time.perf_counter()
+    before = evaluate(load_model(str(model_dir), device="cpu"), "normal", "before")
+    timings["eval_before_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    checkpoint = _train(config, model_dir, shards, out)
+    timings["train_s"] = time.perf_counter() - t0
 
     _log("5/5 export, evaluate the trained model and the controls")
     t0 = time.perf_counter()
-    adapter = _export(str(checkpoint), out / "adapter", config.lora)
-    if config.lora:
+    adapter = _export(str(checkpoint), out / "adapter", recipe.lora.enabled)
+    if recipe.lora.enabled:
         trained = load_model(str(model_dir), adapter=str(adapter), device="cpu")
     else:
         trained = load_model(str(adapter), device="cpu")
-    after = evaluate(trained, "normal")
-    blank = evaluate(trained, "blank")
-    shuffled = evaluate(trained, "shuffled")
+    results = {"before": before}
+    for mode, name in (("normal", "after"), ("blank", "blank_images"), ("shuffled", "shuffled_images")):
+        results[name] = evaluate(trained, mode, name)
     timings["eval_after_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
-    metrics_jsonl = train_dir / "metrics.jsonl"
+    metrics_jsonl = out / "train" / "metrics.jsonl"
     records = [json.loads(x) for x in metrics_jsonl.read_text(encoding="utf-8").splitlines() if x.strip()]
     steps = max((r.get("step", 0) for r in records), default=0)
-    plot_curves(metrics_jsonl, out / "loss.png", before, after)
+    plot_curves(metrics_jsonl, out / "loss.png", before, results["after"])
     report = {
         "chance": before["chance"],
-        "before": _summary(before),
-        "after": _summary(after),
-        "blank_images": _summary(blank),
-        "shuffled_images": _summary(shuffled),
+        **{name: _summary(result) for name, result in results.items()},
         "chance_per_task": {task: row["chance"] for task, row in before["per_task"].items()},
         "num_test": before["num_samples"],
         "train_steps": steps,
         "checkpoint": str(checkpoint),
         "adapter": str(adapter),
         "timings": timings,
-        "config": config.__dict__,
+        "config": {**config.__dict__, "overrides": {k: str(v) for k, v in config.overrides.items()}},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(
-        format_table({"before": before, "after": after, "blank_images": blank, "shuffled_images": shuffled})
-    )
+    print(format_table(results))
     print(
         f"\nchance {report['chance']:.3f}; trained {steps} steps in {timings['train_s']:.0f} s; "
         f"total {timings['total_s']:.0f} s; report: {out / 'report.json'}, curves: {out / 'loss.png'}"
@@ -329,31 +291,34 @@ def main(argv: list[str]) -> int:
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="python -m trainer demo",
-        description="Synthetic demo: tiny Qwen3-VL -> shards -> DeepSpeed training on CPU -> evaluation "
-        "before/after with blank- and shuffled-image controls -> OUT/report.json and OUT/loss.png.",
+        description="Synthetic demo: tiny Qwen3-VL -> shards -> DeepSpeed training on CPU (configs/demo.yaml) "
+        "-> evaluation before/after with blank- and shuffled-image controls -> OUT/report.json and OUT/loss.png.",
     )
     parser.add_argument("--output", default=defaults.output, help="run directory (recreated)")
     parser.add_argument("--num-train", type=int, default=defaults.num_train, help="training samples")
     parser.add_argument("--num-test", type=int, default=defaults.num_test, help="held-out samples")
     parser.add_argument("--tasks", default=defaults.tasks, help="synthetic tasks (data_tools synth --tasks)")
-    parser.add_argument("--train-seconds", type=float, default=defaults.train_seconds, help="training budget")
-    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="step cap")
-    parser.add_argument("--nproc", type=int, default=defaults.nproc, help="CPU ranks")
-    parser.add_argument("--lora", action="store_true", help="train LoRA instead of the whole language model")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
     parser.add_argument(
-        "--eval-every", type=int, default=defaults.eval_every, help="steps between NELBO evals"
+        "--train-seconds", type=float, default=defaults.train_seconds, help="training budget (0 = none)"
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed")
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="step budget")
+    parser.add_argument("--nproc", type=int, default=defaults.nproc, help="CPU ranks")
+    parser.add_argument("--recipe", default=defaults.recipe, help="training config file")
+    parser.add_argument("--lora", action="store_true", help="train LoRA instead of the whole language model")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {"lora.enabled": True} if args.lora else {}
+    if args.lr is not None:
+        overrides["optim.lr"] = args.lr
     config = DemoConfig(
         output=args.output, num_train=args.num_train, num_test=args.num_test, tasks=args.tasks,
-        train_seconds=args.train_seconds, max_steps=args.max_steps, nproc=args.nproc, lora=args.lora,
-        lr=args.lr, eval_every=args.eval_every, seed=args.seed,
+        train_seconds=args.train_seconds, max_steps=args.max_steps, nproc=args.nproc, recipe=args.recipe,
+        overrides=overrides,
     )  # fmt: skip
-    if config.nproc < 1 or config.num_train < 1 or config.num_test < 2 or config.train_seconds <= 0:
+    if config.nproc < 1 or config.num_train < 1 or config.num_test < 2 or config.train_seconds < 0:
         print(
-            "demo: error: --nproc, --num-train >= 1, --num-test >= 2 and --train-seconds > 0", file=sys.stderr
+            "demo: error: --nproc, --num-train >= 1, --num-test >= 2 and --train-seconds >= 0",
+            file=sys.stderr,
         )
         return 2
     try:

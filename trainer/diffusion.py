@@ -36,7 +36,6 @@ from torch.utils.checkpoint import checkpoint
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 """Names accepted as ``schedule``."""
 
-NORMALIZATIONS: tuple[str, ...] = ("answer_tokens", "masked_tokens", "sequence")
 """Names accepted as ``normalization``."""
 
 
@@ -143,7 +142,7 @@ def sample_sequence_t(
 
 @dataclass
 class MaskedBatch:
-    """Result of :func:`apply_masking` (2B rows when complementary)."""
+    """Result of :func:`apply_masking`."""
 
     noisy_input_ids: torch.Tensor
     """[B, L] long: input with masked tokens replaced by ``<|mask|>``."""
@@ -175,19 +174,11 @@ def apply_masking(
     mask_token_id: int,
     schedule: str = "linear",
     generator: torch.Generator | None = None,
-    complementary: bool = False,
-    eps: float = 1e-3,
 ) -> MaskedBatch:
     """Mask each answer token of sub-sequence (b, s) independently with probability ``p_mask(t[b, s])``.
 
     Prompt, image, template and padding tokens are never masked (they are outside ``answer_mask``;
     padding is excluded again through ``seq_ids = -1``).
-
-    ``complementary``: the batch is doubled. Rows B..2B-1 are the same samples with exactly the
-    answer tokens that rows 0..B-1 left clean masked; each of their tokens is masked with probability
-    ``1 - p_mask(t)``, so their time is ``t' = t_for_p_mask(1 - p_mask(t))`` (``1 - t`` linear),
-    clamped to ``[eps, 1)``. Every other per-row input (``seq_ids``, ``position_ids``, vision
-    features) must then be repeated by the caller: ``torch.cat([x, x])`` along the batch dimension.
     """
     answer_mask_BL = answer_mask_BL.bool() & (seq_ids_BL >= 0)
     t_BL = per_token(t_BS, seq_ids_BL)
@@ -195,15 +186,6 @@ def apply_masking(
     gen_device = generator.device if generator is not None else "cpu"
     u_BL = torch.rand(input_ids_BL.shape, generator=generator, device=gen_device).to(input_ids_BL.device)
     masked_BL = answer_mask_BL & (u_BL < p_mask_BL)
-    if complementary:
-        t_comp_BS = t_for_p_mask(1.0 - p_mask_at(t_BS, schedule), schedule).clamp(eps, 1.0 - 1e-7)
-        t_BS = torch.cat([t_BS, t_comp_BS])
-        masked_BL = torch.cat([masked_BL, answer_mask_BL & ~masked_BL])
-        input_ids_BL = torch.cat([input_ids_BL, input_ids_BL])
-        answer_mask_BL = torch.cat([answer_mask_BL, answer_mask_BL])
-        seq_ids_BL = torch.cat([seq_ids_BL, seq_ids_BL])
-        t_BL = per_token(t_BS, seq_ids_BL)
-        p_mask_BL = torch.where(answer_mask_BL, p_mask_at(t_BL, schedule), torch.zeros_like(t_BL))
     loss_weight_BL = torch.where(masked_BL, loss_weight_at(t_BL, schedule), torch.zeros_like(t_BL))
     noisy_BL = torch.where(masked_BL, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL)
     return MaskedBatch(
@@ -328,7 +310,6 @@ def masked_diffusion_loss(
     loss_weight_BL: torch.Tensor,
     *,
     mask_token_id: int,
-    normalization: str = "answer_tokens",
     num_normalizer: float | torch.Tensor | None = None,
     answer_mask_BL: torch.Tensor | None = None,
     seq_ids_BL: torch.Tensor | None = None,
@@ -338,20 +319,11 @@ def masked_diffusion_loss(
 ) -> DiffusionLoss:
     """The MDLM loss at masked positions only.
 
-    ``normalization``:
-    - ``"answer_tokens"``: ``sum(loss_weight * CE) / num_normalizer``; pass the number of answer
-      tokens in ``num_normalizer`` (the trainer makes it global across micro-batches and ranks so the
-      gradient does not depend on packing or sharding); defaults to this batch's ``answer_mask`` count.
-    - ``"masked_tokens"``: the same sum divided by the number of masked tokens (``num_normalizer``
-      or this batch's count).
-    - ``"sequence"``: each sub-sequence's sum is divided by its own number of answer tokens, then
-      summed and divided by the number of sub-sequences (``num_normalizer`` or this batch's count of
-      sub-sequences with answers). Needs ``answer_mask_BL`` and ``seq_ids_BL``.
+    ``sum(loss_weight * CE) / num_normalizer``: pass the number of answer tokens in
+    ``num_normalizer`` (the trainer makes it global across micro-batches and ranks so the gradient
+    does not depend on packing or sharding; docs/DESIGN.md §3); it defaults to this batch's
+    ``answer_mask`` count.
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"unknown loss normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}"
-        )
     masked_BL = masked_BL.bool()
     rows_M, cols_M, source_M = gather_source_positions(masked_BL, shift=shift, seq_ids_BL=seq_ids_BL)
     ce_M = masked_cross_entropy(
@@ -366,26 +338,13 @@ def masked_diffusion_loss(
     weighted_M = weight_M * ce_M
     num_masked = masked_BL.sum()
 
-    if normalization == "sequence":
-        if answer_mask_BL is None or seq_ids_BL is None:
-            raise ValueError("normalization 'sequence' needs answer_mask_BL and seq_ids_BL")
-        answers_BL = answer_mask_BL.bool() & (seq_ids_BL >= 0)
-        width = int(seq_ids_BL.max().clamp(min=0).item()) + 1
-        counts_BS = torch.zeros(seq_ids_BL.shape[0], width, device=seq_ids_BL.device)
-        counts_BS.scatter_add_(1, seq_ids_BL.clamp(min=0), answers_BL.float())
-        per_seq_M = counts_BS[rows_M, seq_ids_BL[rows_M, cols_M]]
-        total = (weighted_M / per_seq_M).sum()
-        divisor = num_normalizer if num_normalizer is not None else (counts_BS > 0).sum().clamp(min=1)
+    total = weighted_M.sum()
+    if num_normalizer is not None:
+        divisor = num_normalizer
     else:
-        total = weighted_M.sum()
-        if num_normalizer is not None:
-            divisor = num_normalizer
-        elif normalization == "masked_tokens":
-            divisor = num_masked.clamp(min=1)
-        else:
-            if answer_mask_BL is None:
-                raise ValueError("normalization 'answer_tokens' needs num_normalizer or answer_mask_BL")
-            divisor = answer_mask_BL.bool().sum().clamp(min=1)
+        if answer_mask_BL is None:
+            raise ValueError("masked_diffusion_loss needs num_normalizer or answer_mask_BL")
+        divisor = answer_mask_BL.bool().sum().clamp(min=1)
     if isinstance(divisor, torch.Tensor):
         divisor = divisor.to(total.device, total.dtype)
     if ce_M.numel() == 0:

@@ -3,28 +3,41 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer.config import TrainConfig, dump_yaml, global_batch_size, zero_stage
 
+if TYPE_CHECKING:
+    from trainer.data import PlanSpec
 
-def dry_run_report(config: TrainConfig, ds_config: dict[str, Any], world_size: int) -> str:
-    """Resolved config, world size, steps per epoch and a per-device memory estimate (no weights loaded)."""
-    from trainer.data import Planner, PlanSpec, load_catalog, parse_shard_specs
 
-    lines = [dump_yaml(config).rstrip(), ""]
-    dirs, weights = parse_shard_specs(config.data.train)
-    catalog = load_catalog(dirs, config.data.limit_train)
+def plan_spec(config: TrainConfig, world_size: int) -> PlanSpec:
+    """The epoch-plan settings of a run (what every rank's loader plans with)."""
+    from trainer.data import PlanSpec, parse_shard_specs
+
+    _, weights = parse_shard_specs(config.data.train)
     s = config.schedule
-    spec = PlanSpec(
+    return PlanSpec(
         weights=tuple(weights),
         seed=config.seed,
         max_tokens=config.data.max_tokens,
         packs_per_step=s.micro_batch_size * s.grad_accum_steps * world_size,
         packing=config.data.packing,
+        drop_remainder=config.data.drop_remainder,
     )
+
+
+def dry_run_report(config: TrainConfig, ds_config: dict[str, Any], world_size: int) -> str:
+    """Resolved config, world size, steps per epoch and a per-device memory estimate (no weights loaded)."""
+    from trainer.data import Planner, load_catalog, parse_shard_specs
+
+    lines = [dump_yaml(config).rstrip(), ""]
+    dirs, _ = parse_shard_specs(config.data.train)
+    catalog = load_catalog(dirs, config.data.limit_train)
+    s = config.schedule
+    spec = plan_spec(config, world_size)
     plan = Planner(catalog, spec).plan(0)
     total = s.max_steps or max(1, math.ceil(s.epochs * plan.num_steps))
     lines += [

@@ -50,12 +50,6 @@ class VisionFeatures:
         """The same features on ``device``."""
         return VisionFeatures(self.image_embeds.to(device), [d.to(device) for d in self.deepstack])
 
-    def repeat(self, times: int) -> VisionFeatures:
-        """Features for a batch repeated ``times`` along rows (complementary masking doubles it)."""
-        return VisionFeatures(
-            torch.cat([self.image_embeds] * times), [torch.cat([d] * times) for d in self.deepstack]
-        )
-
 
 @dataclass
 class MDLMOutput:
@@ -305,7 +299,6 @@ class MDLMLanguageModel(nn.Module):
         loss_weight: torch.Tensor | None = None,
         shift: bool = False,
         answer_mask: torch.Tensor | None = None,
-        normalization: str = "answer_tokens",
         num_normalizer: float | torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
@@ -315,7 +308,7 @@ class MDLMLanguageModel(nn.Module):
         """Hidden states [B, L, H], or with targets the MDLM loss (:class:`MDLMOutput`).
 
         ``input_ids`` are the noisy ids (masked tokens replaced), ``target_ids`` the clean ones;
-        ``masked``/``loss_weight``/``answer_mask`` [B, L]; ``normalization``/``num_normalizer`` as in
+        ``masked``/``loss_weight``/``answer_mask`` [B, L]; ``num_normalizer`` as in
         :func:`trainer.diffusion.masked_diffusion_loss`; ``shift`` as in :mod:`trainer.diffusion`.
         """
         hidden_BLH = self.hidden_states(
@@ -339,7 +332,6 @@ class MDLMLanguageModel(nn.Module):
             masked,
             loss_weight,
             mask_token_id=self.mask_token_id,
-            normalization=normalization,
             num_normalizer=num_normalizer,
             answer_mask_BL=answer_mask,
             seq_ids_BL=seq_ids,

@@ -52,6 +52,36 @@ def fixed_uniforms(
     return u_BL.to(answer_mask_BL.device)
 
 
+def _masked_ce_at(
+    language: nn.Module,
+    lm_head: nn.Module,
+    batch: Any,
+    vision_kwargs: dict[str, Any],
+    answer_BL: torch.Tensor,
+    u_BL: torch.Tensor,
+    t: float,
+    *,
+    schedule: str,
+    shift: bool,
+    mask_token_id: int,
+) -> tuple[float, float, float]:
+    """CE sum, correct predictions and masked count of one batch with its fixed masks at time ``t``."""
+    p_mask = float(p_mask_at(torch.tensor(t, dtype=torch.float64), schedule))
+    masked_BL = answer_BL & (u_BL < p_mask)
+    noisy_BL = torch.where(masked_BL, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids)
+    hidden_BLH = language(noisy_BL, batch.position_ids, batch.seq_ids, **vision_kwargs)
+    rows_M, cols_M, source_M = gather_source_positions(masked_BL, shift=shift, seq_ids_BL=batch.seq_ids)
+    # Every rank calls the head equally often (one agreed chunk; ZeRO-3 gathers it).
+    width = distributed.agreed_head_chunk(len(rows_M))
+    if len(rows_M) == 0:
+        head_placeholder(hidden_BLH, lm_head)
+    masked_ce = masked_cross_entropy(
+        hidden_BLH[rows_M, source_M], batch.input_ids[rows_M, cols_M], lm_head,
+        mask_token_id=mask_token_id, chunk_size=width, checkpoint_chunks=False,
+    )  # fmt: skip
+    return float(masked_ce.ce.sum()), float(masked_ce.correct.sum()), float(masked_BL.sum())
+
+
 @torch.no_grad()
 def nelbo_eval(
     model: Any,
@@ -132,31 +162,16 @@ def nelbo_eval(
                 num_samples += sum(len(row_keys) for row_keys in batch.keys)
                 num_answer_tokens += float(answer_BL.sum())
             for t in times:
-                p_mask = float(p_mask_at(torch.tensor(t, dtype=torch.float64), schedule))
-                masked_BL = answer_BL & (u_BL < p_mask)
-                noisy_BL = torch.where(
-                    masked_BL, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids
-                )
-                hidden_BLH = language(noisy_BL, batch.position_ids, batch.seq_ids, **vision_kwargs)
-                rows_M, cols_M, source_M = gather_source_positions(
-                    masked_BL, shift=shift, seq_ids_BL=batch.seq_ids
-                )
-                # Every rank calls the head equally often (one agreed chunk; ZeRO-3 gathers it).
-                width = distributed.agreed_head_chunk(len(rows_M))
-                if len(rows_M) == 0:
-                    head_placeholder(hidden_BLH, lm_head)
-                masked_ce = masked_cross_entropy(
-                    hidden_BLH[rows_M, source_M], batch.input_ids[rows_M, cols_M], lm_head,
-                    mask_token_id=mask_token_id, chunk_size=width, checkpoint_chunks=False,
+                ce_sum, correct, num_masked = _masked_ce_at(
+                    language, lm_head, batch, vision_kwargs, answer_BL, u_BL, t,
+                    schedule=schedule, shift=shift, mask_token_id=mask_token_id,
                 )  # fmt: skip
-                ce_sum = float(masked_ce.ce.sum())
-                correct = float(masked_ce.correct.sum())
                 loss_weight = float(loss_weight_at(torch.tensor(t, dtype=torch.float64), schedule))
                 acc = sums[index[t]]
                 acc[0] += weight * loss_weight * ce_sum
                 acc[1] += weight * ce_sum
                 acc[2] += weight * correct
-                acc[3] += weight * float(masked_BL.sum())
+                acc[3] += weight * num_masked
     finally:
         language.train(was_training)
 

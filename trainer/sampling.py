@@ -196,23 +196,7 @@ def generate(
     device = next(model.language.parameters()).device
     num_rows, canvas_len = len(prompts), config.max_new_tokens
 
-    # Layout: each row is prompt + canvas, padded to a common length (multiple of 8, as PackedBatch).
-    row_lens = [len(p.input_ids) + canvas_len for p in prompts]
-    seq_len = -(-max(row_lens) // 8) * 8
-    input_ids_BL = torch.full((num_rows, seq_len), tokens.pad, dtype=torch.long)
-    seq_ids_BL = torch.full((num_rows, seq_len), -1, dtype=torch.long)
-    position_ids_3BL = torch.zeros((3, num_rows, seq_len), dtype=torch.long)
-    canvas_start_B = torch.zeros(num_rows, dtype=torch.long)
-    for row, (prompt, row_len) in enumerate(zip(prompts, row_lens, strict=True)):
-        start = 0 if config.padding_side == "right" else seq_len - row_len
-        ids_L = torch.tensor(list(prompt.input_ids) + [tokens.mask] * canvas_len, dtype=torch.long)
-        input_ids_BL[row, start : start + row_len] = ids_L
-        seq_ids_BL[row, start : start + row_len] = 0
-        # M-RoPE ids depend only on where image tokens are, so masks in the canvas are plain text.
-        position_ids_3BL[:, row, start : start + row_len] = _position_ids(
-            ids_L, prompt.image_grid_thw, tokens
-        )
-        canvas_start_B[row] = start + len(prompt.input_ids)
+    input_ids_BL, seq_ids_BL, position_ids_3BL, canvas_start_B = _layout_rows(prompts, config, tokens)
 
     # The vision tower runs once for the whole request; every denoising step reuses its features.
     vision = None
@@ -288,22 +272,59 @@ def generate(
                 eos_at_B = torch.minimum(eos_at_B, first_eos_B)
 
     canvas_BN = input_ids_BL[rows_B[:, None], canvas_start_B[:, None] + canvas_idx_N].cpu()
-    commit_step_BN = commit_step_BN.cpu()
+    eos_at = eos_at_B.tolist() if config.stop_at_eos else None
+    return _collect(canvas_BN, commit_step_BN.cpu(), steps_run_B.tolist(), eos_at, tokens.eos)
+
+
+def _layout_rows(
+    prompts: Sequence[Prompt], config: GenerationConfig, tokens: SpecialTokens
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row is prompt + a canvas of masks, padded to a common length (a multiple of 8, as
+    PackedBatch): input ids [B, L], seq ids [B, L], M-RoPE position ids [3, B, L], canvas starts [B]."""
+    num_rows, canvas_len = len(prompts), config.max_new_tokens
+    row_lens = [len(p.input_ids) + canvas_len for p in prompts]
+    seq_len = -(-max(row_lens) // 8) * 8
+    input_ids_BL = torch.full((num_rows, seq_len), tokens.pad, dtype=torch.long)
+    seq_ids_BL = torch.full((num_rows, seq_len), -1, dtype=torch.long)
+    position_ids_3BL = torch.zeros((3, num_rows, seq_len), dtype=torch.long)
+    canvas_start_B = torch.zeros(num_rows, dtype=torch.long)
+    for row, (prompt, row_len) in enumerate(zip(prompts, row_lens, strict=True)):
+        start = 0 if config.padding_side == "right" else seq_len - row_len
+        ids_L = torch.tensor(list(prompt.input_ids) + [tokens.mask] * canvas_len, dtype=torch.long)
+        input_ids_BL[row, start : start + row_len] = ids_L
+        seq_ids_BL[row, start : start + row_len] = 0
+        # M-RoPE ids depend only on where image tokens are, so masks in the canvas are plain text.
+        position_ids_3BL[:, row, start : start + row_len] = _position_ids(
+            ids_L, prompt.image_grid_thw, tokens
+        )
+        canvas_start_B[row] = start + len(prompt.input_ids)
+    return input_ids_BL, seq_ids_BL, position_ids_3BL, canvas_start_B
+
+
+def _collect(
+    canvas_BN: torch.Tensor,
+    commit_step_BN: torch.Tensor,
+    steps_run: list[int],
+    eos_at: list[int] | None,
+    eos: int,
+) -> list[Generation]:
+    """One :class:`Generation` per row; ``eos_at`` (with stop_at_eos) is where each row stopped filling."""
+    num_rows, canvas_len = canvas_BN.shape
     results = []
     for row in range(num_rows):
         canvas = canvas_BN[row].tolist()
         steps_row = commit_step_BN[row].tolist()
         # Without stop_at_eos the whole canvas is filled; the answer still ends at the first <|im_end|>.
-        end = canvas.index(tokens.eos) if tokens.eos in canvas else canvas_len
-        if config.stop_at_eos:
-            end = min(end, int(eos_at_B[row]))
+        end = canvas.index(eos) if eos in canvas else canvas_len
+        if eos_at is not None:
+            end = min(end, int(eos_at[row]))
         finished = end < canvas_len
         results.append(
             Generation(
                 token_ids=canvas[:end],
                 commit_steps=steps_row[:end],
                 finished=finished,
-                num_steps=int(steps_run_B[row]),
+                num_steps=int(steps_run[row]),
                 eos_step=steps_row[end] if finished else None,
                 canvas=canvas,
                 canvas_steps=steps_row,

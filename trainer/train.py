@@ -213,6 +213,7 @@ def build_train_loader(
         num_workers=config.data.num_workers,
         pin_memory=info.device.type == "cuda",
         packing=config.data.packing,
+        drop_remainder=config.data.drop_remainder,
         limit=config.data.limit_train,
         resume=resume_state["data"] if resume_state else None,
     )
@@ -358,7 +359,7 @@ class Trainer:
         t_BS = sample_sequence_t(batch.seq_ids, eps=cfg.eps, stratified=cfg.stratified_t, generator=generator)
         noisy = apply_masking(
             batch.input_ids, batch.answer_mask, batch.seq_ids, t_BS, mask_token_id=self.model.mask_token_id,
-            schedule=cfg.schedule, generator=generator, eps=cfg.eps,
+            schedule=cfg.schedule, generator=generator,
         )  # fmt: skip
         vision_kwargs: dict[str, Any] = {}
         if self.train_vision:
@@ -376,7 +377,7 @@ class Trainer:
         out = self.engine(
             noisy.noisy_input_ids, batch.position_ids, batch.seq_ids, target_ids=noisy.target_ids,
             masked=noisy.masked, loss_weight=noisy.loss_weight, answer_mask=noisy.answer_mask,
-            shift=cfg.shift, normalization=cfg.normalizer, num_normalizer=normaliser,
+            shift=cfg.shift, num_normalizer=normaliser,
             cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, chunk_size=chunk_size,
             checkpoint_chunks=not self.zero3, **vision_kwargs,
         )  # fmt: skip

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -16,15 +18,6 @@ def child_env() -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:

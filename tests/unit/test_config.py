@@ -220,3 +220,22 @@ def test_shipped_recipes_load() -> None:
     assert ko.deepspeed.precision == "bf16" and ko.deepspeed.tf32 is True
     for name in ("zero2", "zero3", "zero3_offload"):
         json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+
+
+def test_only_the_global_answer_token_normaliser_is_accepted() -> None:
+    with pytest.raises(
+        ConfigError, match=r"diffusion\.normalizer = 'masked_tokens' is not one of answer_tokens"
+    ):
+        load_config(None, {"diffusion.normalizer": "masked_tokens"})
+
+
+def test_drop_remainder_reaches_the_plan(tmp_path: Path) -> None:
+    from trainer.dry_run import plan_spec
+
+    overrides = {
+        "data.drop_remainder": True,
+        "model.name_or_path": str(tmp_path),
+        "data.train": [str(tmp_path)],
+    }
+    config = load_config(None, overrides)
+    assert plan_spec(config, world_size=2).drop_remainder is True

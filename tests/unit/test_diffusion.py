@@ -104,28 +104,6 @@ def test_masking_only_answer_tokens_with_per_sequence_t() -> None:
     assert float(out.p_mask[0, :3].sum()) == 0.0  # prompt tokens have p_mask 0
 
 
-def test_complementary_masking() -> None:
-    input_ids, answer, seq_ids = _packed_example()
-    t_BS = torch.tensor([[0.3, 0.6], [0.5, 1.0]])
-    out = diffusion.apply_masking(
-        input_ids,
-        answer,
-        seq_ids,
-        t_BS,
-        mask_token_id=MASK_ID,
-        generator=torch.Generator().manual_seed(0),
-        complementary=True,
-    )
-    assert out.noisy_input_ids.shape == (4, 12)
-    first, second = out.masked[:2], out.masked[2:]
-    assert torch.equal(first | second, answer)
-    assert not bool((first & second).any())
-    assert torch.allclose(out.t[2:], (1.0 - t_BS).clamp(min=1e-3))  # t' = 1 - t, kept in [eps, 1)
-    assert torch.allclose(
-        out.loss_weight[2:][second], 1.0 / (1.0 - diffusion.per_token(t_BS, seq_ids)[second])
-    )
-
-
 def _reference_loss(
     hidden: torch.Tensor,
     head: nn.Module,
@@ -155,7 +133,7 @@ def _loss_inputs(seed: int = 0) -> tuple[torch.Tensor, ...]:
     return hidden, out.target_ids, out.masked, out.loss_weight, answer, seq_ids
 
 
-def test_masked_ce_equals_full_logits_and_normalisers() -> None:
+def test_masked_ce_equals_full_logits_and_normaliser() -> None:
     hidden, targets, masked, weight, answer, seq_ids = _loss_inputs()
     head = _head()
     ref_BL = _reference_loss(hidden, head, targets, masked, weight)
@@ -163,36 +141,15 @@ def test_masked_ce_equals_full_logits_and_normalisers() -> None:
     assert n_masked > 0
     common = {"mask_token_id": MASK_ID, "answer_mask_BL": answer, "seq_ids_BL": seq_ids, "chunk_size": 3}
 
-    out = diffusion.masked_diffusion_loss(
-        hidden, head, targets, masked, weight, normalization="answer_tokens", **common
-    )
+    out = diffusion.masked_diffusion_loss(hidden, head, targets, masked, weight, **common)
     assert int(answer.sum()) == 11  # by hand: 3 + 2 in row 0, 6 in row 1
     assert torch.allclose(out.loss, ref_BL.sum() / 11)
     assert torch.allclose(out.weighted_ce_sum, ref_BL.sum())
     assert int(out.num_masked) == n_masked
 
     # The global count passed in from outside wins.
-    out = diffusion.masked_diffusion_loss(
-        hidden, head, targets, masked, weight, normalization="answer_tokens", num_normalizer=40, **common
-    )
+    out = diffusion.masked_diffusion_loss(hidden, head, targets, masked, weight, num_normalizer=40, **common)
     assert torch.allclose(out.loss, ref_BL.sum() / 40)
-
-    out = diffusion.masked_diffusion_loss(
-        hidden, head, targets, masked, weight, normalization="masked_tokens", **common
-    )
-    assert torch.allclose(out.loss, ref_BL.sum() / n_masked)
-
-    # Per sequence: (row0 seq0)/3 + (row0 seq1)/2 + (row1 seq0)/6, over 3 sub-sequences.
-    per_seq = ref_BL[0, :6].sum() / 3 + ref_BL[0, 6:10].sum() / 2 + ref_BL[1, :10].sum() / 6
-    out = diffusion.masked_diffusion_loss(
-        hidden, head, targets, masked, weight, normalization="sequence", **common
-    )
-    assert torch.allclose(out.loss, per_seq / 3)
-
-    with pytest.raises(ValueError, match="unknown loss normalization"):
-        diffusion.masked_diffusion_loss(
-            hidden, head, targets, masked, weight, normalization="tokens", **common
-        )
 
 
 def test_chunked_loss_gradients_match_full_logits() -> None:
