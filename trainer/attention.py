@@ -22,7 +22,7 @@ arguments down to the attention function, so the block structure travels as the 
 Because the name is not one of transformers' mask backends, transformers builds no mask of its own.
 
 The causal flag is honoured: a module with ``is_causal = True`` gets a causal mask inside each
-sub-sequence. DESIGN.md decision 1 sets it to False on every text attention module; the tests flip it
+sub-sequence. docs/DESIGN.md §1 sets it to False on every text attention module; the tests flip it
 back to show the difference per backend.
 """
 

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, resume and the trainer state (DESIGN.md decision 7).
+"""Atomic checkpoints, resume and the trainer state (docs/DESIGN.md §6).
 
 Layout of ``OUTPUT_DIR/checkpoints/``::
 
@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from data_tools.fileio import atomic_write_text, fsync_dir
+
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 POINTER_FILE = "latest"
@@ -45,28 +47,6 @@ def checkpoint_root(output_dir: str | os.PathLike[str]) -> Path:
 def tag_for(step: int) -> str:
     """The checkpoint directory name of an optimizer step."""
     return f"step-{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the whole new content, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _manifest(ckpt_dir: Path) -> dict[str, int]:
@@ -317,7 +297,7 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
             "resume with the world size that wrote it"
         ) from exc
     os.replace(tmp, out)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     return out
 
 

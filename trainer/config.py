@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from data_tools.fileio import atomic_write_text
 from trainer.attention_names import CONFIG_CHOICES
 
 DEFAULT_T_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -48,7 +49,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute language-model activations in backward to save memory."""
     freeze_vision: bool = True
-    """Keep the vision tower frozen and outside the DeepSpeed engine (DESIGN decision 2)."""
+    """Keep the vision tower frozen and outside the DeepSpeed engine (docs/DESIGN.md §2)."""
     freeze_merger: bool = True
     """Keep the vision merger (and deepstack mergers) frozen."""
     train_embeddings: bool = True
@@ -756,7 +757,5 @@ def write_run_files(config: TrainConfig, ds_config: dict[str, Any]) -> Path:
         ("config.yaml", dump_yaml(config)),
         ("ds_config.json", json.dumps(ds_config, indent=2) + "\n"),
     ):
-        tmp = out / f".{name}.tmp.{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     return out

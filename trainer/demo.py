@@ -36,7 +36,7 @@ from trainer.config import TrainConfig, load_config
 from trainer.distributed import free_port
 from trainer.sampling import GenerationConfig
 
-# Tiny model shape that learns the demo in minutes (DESIGN.md, "What a tiny model can learn").
+# Tiny model shape that learns the demo in minutes (benchmarks/RESULTS.md, the demo figures).
 TINY_SHAPE: dict[str, float] = {
     "hidden_size": 128,
     "num_layers": 4,

@@ -1,6 +1,6 @@
 """MDLM objective: noise schedules, t sampling, masking of answer tokens, the masked-position loss.
 
-Pure torch (no deepspeed, no torch.distributed). Names (STYLE.md): ``t`` is the diffusion time of a
+Pure torch (no deepspeed, no torch.distributed). Names (one per quantity, used everywhere): ``t`` is the diffusion time of a
 sub-sequence, ``p_mask`` the probability that one of its answer tokens is replaced by ``<|mask|>``
 (``p_mask = 1 - alpha_t``), ``loss_weight`` the per-token weight ``-alpha'_t / (1 - alpha_t)`` (``1/t``
 for the linear schedule), ``answer_mask`` the tokens that may be masked, ``masked`` those that were,

@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def setup() -> DistInfo:
     """Start the process group: NCCL on GPUs, gloo on CPU; a plain ``python`` run becomes world size 1."""
-    import deepspeed  # only the loop imports deepspeed (STYLE.md: pure parts stay pure)
+    import deepspeed  # only the loop imports deepspeed (docs/CONTRACTS.md, Layout: pure parts stay pure)
 
     if "RANK" not in os.environ:
         # Plain `python -m trainer train`: a one-process job on a private port.

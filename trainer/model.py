@@ -3,7 +3,7 @@
 :func:`build_mdlm_model` loads a stock ``Qwen3VLForConditionalGeneration`` (path or hub id) and
 :func:`assemble_mdlm_model` turns it into an :class:`MDLMModel`:
 
-- the language model is made bidirectional (DESIGN.md decision 1: ``text_config.is_causal = False``
+- the language model is made bidirectional (docs/DESIGN.md §1: ``text_config.is_causal = False``
   AND ``is_causal = False`` on every text attention module) and its attention runs through a packed
   backend from :mod:`trainer.attention`;
 - ``<|mask|>`` is registered in the tokenizer (151669 for Qwen; the 151,936-row embedding already
@@ -14,7 +14,7 @@
   ``Qwen3VLForConditionalGeneration``, so module names stay stock and the adapter saved by
   ``peft_model.save_pretrained`` loads with stock ``peft`` onto stock ``transformers``.
 
-The forward is split in two (decision 2): :meth:`MDLMModel.vision_features` runs the frozen vision
+The forward is split in two (docs/DESIGN.md §2): :meth:`MDLMModel.vision_features` runs the frozen vision
 tower under ``torch.no_grad()``, outside DeepSpeed; :class:`MDLMLanguageModel` (``engine_module``)
 is the trainable part that goes into the DeepSpeed engine. No deepspeed / torch.distributed here.
 """
@@ -76,7 +76,7 @@ def text_attention_modules(model: nn.Module) -> list[nn.Module]:
 def set_text_causal(model: nn.Module, causal: bool) -> None:
     """Set ``text_config.is_causal`` and ``is_causal`` on every text attention module.
 
-    DESIGN.md decision 1: both flags, because transformers versions read different ones.
+    docs/DESIGN.md §1: both flags, because transformers versions read different ones.
     """
     base = _base(model)
     base.config.text_config.is_causal = causal

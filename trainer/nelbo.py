@@ -82,6 +82,35 @@ def _masked_ce_at(
     return float(masked_ce.ce.sum()), float(masked_ce.correct.sum()), float(masked_BL.sum())
 
 
+def _metrics(
+    flat: list[float], times: list[float], t_grid: Sequence[float], accuracy_t: Sequence[float]
+) -> dict[str, float]:
+    """The report from the all-rank sums (per time: weighted CE, CE, correct, masked; then samples
+    and answer tokens)."""
+    num_samples, num_answer_tokens = flat[-2], flat[-1]
+    totals = {t: flat[4 * i : 4 * i + 4] for i, t in enumerate(times)}
+    denominator = max(num_answer_tokens, 1.0)
+    result: dict[str, float] = {
+        "nelbo": sum(totals[t][0] for t in t_grid) / len(t_grid) / denominator,
+        "num_samples": num_samples,
+        "num_answer_tokens": num_answer_tokens,
+    }
+    for t in t_grid:
+        result[f"ce@{t:g}"] = totals[t][1] / max(totals[t][3], 1.0)
+    for t in accuracy_t:
+        result[f"masked_accuracy@{t:g}"] = totals[t][2] / max(totals[t][3], 1.0)
+    return result
+
+
+def _check_times(t_grid: Sequence[float], accuracy_t: Sequence[float]) -> None:
+    if not t_grid:
+        raise ValueError("nelbo_eval: t_grid is empty: give at least one t in (0, 1]")
+    if any(not 0.0 < t <= 1.0 for t in (*t_grid, *accuracy_t)):
+        raise ValueError(
+            f"nelbo_eval: every t must lie in (0, 1], got t_grid={t_grid} accuracy_t={accuracy_t}"
+        )
+
+
 @torch.no_grad()
 def nelbo_eval(
     model: Any,
@@ -118,12 +147,7 @@ def nelbo_eval(
     Returns: `{"nelbo", "num_samples", "num_answer_tokens", "ce@T" for T in t_grid,
     "masked_accuracy@T" for T in accuracy_t}` (floats), identical on every rank.
     """
-    if not t_grid:
-        raise ValueError("nelbo_eval: t_grid is empty: give at least one t in (0, 1]")
-    if any(not 0.0 < t <= 1.0 for t in (*t_grid, *accuracy_t)):
-        raise ValueError(
-            f"nelbo_eval: every t must lie in (0, 1], got t_grid={t_grid} accuracy_t={accuracy_t}"
-        )
+    _check_times(t_grid, accuracy_t)
     language = model.language if language is None else language
     lm_head: nn.Module = model.language.lm_head
     if device is None:
@@ -176,17 +200,4 @@ def nelbo_eval(
         language.train(was_training)
 
     flat = [value for per_t in sums for value in per_t] + [num_samples, num_answer_tokens]
-    flat = distributed.all_reduce_sum(flat)
-    num_samples, num_answer_tokens = flat[-2], flat[-1]
-    totals = {t: flat[4 * i : 4 * i + 4] for i, t in enumerate(times)}
-    denominator = max(num_answer_tokens, 1.0)
-    result: dict[str, float] = {
-        "nelbo": sum(totals[t][0] for t in t_grid) / len(t_grid) / denominator,
-        "num_samples": num_samples,
-        "num_answer_tokens": num_answer_tokens,
-    }
-    for t in t_grid:
-        result[f"ce@{t:g}"] = totals[t][1] / max(totals[t][3], 1.0)
-    for t in accuracy_t:
-        result[f"masked_accuracy@{t:g}"] = totals[t][2] / max(totals[t][3], 1.0)
-    return result
+    return _metrics(distributed.all_reduce_sum(flat), times, t_grid, accuracy_t)

@@ -198,14 +198,7 @@ def generate(
 
     input_ids_BL, seq_ids_BL, position_ids_3BL, canvas_start_B = _layout_rows(prompts, config, tokens)
 
-    # The vision tower runs once for the whole request; every denoising step reuses its features.
-    vision = None
-    with_images = [p for p in prompts if p.image_grid_thw is not None and len(p.image_grid_thw)]
-    if with_images:
-        pixel_values = torch.cat([p.pixel_values for p in with_images]).to(device)  # type: ignore[misc]
-        grid_thw = torch.cat([p.image_grid_thw for p in with_images]).to(device)  # type: ignore[misc]
-        vision = model.vision_features(pixel_values, grid_thw)
-
+    vision = _request_vision(model, prompts, device)
     input_ids_BL = input_ids_BL.to(device)
     seq_ids_BL = seq_ids_BL.to(device)
     position_ids_3BL = position_ids_3BL.to(device)
@@ -274,6 +267,18 @@ def generate(
     canvas_BN = input_ids_BL[rows_B[:, None], canvas_start_B[:, None] + canvas_idx_N].cpu()
     eos_at = eos_at_B.tolist() if config.stop_at_eos else None
     return _collect(canvas_BN, commit_step_BN.cpu(), steps_run_B.tolist(), eos_at, tokens.eos)
+
+
+def _request_vision(model: MDLMModelLike, prompts: Sequence[Prompt], device: torch.device) -> Any:
+    """The vision tower runs once for the whole request; every denoising step reuses its features."""
+    vision = None
+    with_images = [p for p in prompts if p.image_grid_thw is not None and len(p.image_grid_thw)]
+    if with_images:
+        pixel_values = torch.cat([p.pixel_values for p in with_images]).to(device)  # type: ignore[misc]
+        grid_thw = torch.cat([p.image_grid_thw for p in with_images]).to(device)  # type: ignore[misc]
+        vision = model.vision_features(pixel_values, grid_thw)
+
+    return vision
 
 
 def _layout_rows(

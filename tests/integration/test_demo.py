@@ -1,7 +1,7 @@
 """A shortened demo: 2-rank DeepSpeed ZeRO-2 training on CPU learns the colour questions above chance.
 
-Colour questions (6 colours, chance 1/6) are the part a tiny random model learns first (DESIGN.md,
-"What a tiny model can learn"). The run is the real pipeline end to end: make-tiny, synth shards,
+Colour questions (6 colours, chance 1/6) are the part a tiny random model learns first (the demo figures
+in benchmarks/RESULTS.md). The run is the real pipeline end to end: make-tiny, synth shards,
 torchrun + DeepSpeed, export, generation-based evaluation with both image controls, report.json,
 loss.png.
 """

@@ -1,6 +1,6 @@
 """Packed bidirectional attention: kernels against the dense reference, and the model per backend.
 
-DESIGN.md decision 1: every backend in use must be shown bidirectional (a late token moves an early
+docs/DESIGN.md §1: every backend in use must be shown bidirectional (a late token moves an early
 logit), causal when the causal flags are set back, and padding invariant.
 """
 

@@ -1,4 +1,4 @@
-"""The package split by imports (DESIGN.md, Layout): the pure parts import no distributed code."""
+"""The package split by imports (docs/CONTRACTS.md, Layout): the pure parts import no distributed code."""
 
 from __future__ import annotations
 
@@ -45,3 +45,55 @@ def test_pure_trainer_modules_import_no_distributed() -> None:
 def test_importing_the_packages_does_not_import_deepspeed() -> None:
     code = "import sys, trainer, data_tools; assert 'deepspeed' not in sys.modules, 'deepspeed imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def project_imports() -> dict[str, set[str]]:
+    """Module -> project modules it imports (module level and inside functions)."""
+    modules = {}
+    for package in ("trainer", "data_tools"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = {owner(imported) for imported in imported_names(path)} - {None, name}
+        graph[name] = {t for t in targets if t is not None}
+    return graph
+
+
+def test_no_import_circle_among_project_modules() -> None:
+    graph = project_imports()
+    # A package's __init__ re-exporting its modules is not a circle (trainer.data -> trainer.data.plan).
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if not t.startswith(name + ".")}
+    done: set[str] = set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        if node in stack:
+            raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(node) :], node]))
+        if node in done:
+            return
+        for target in sorted(graph.get(node, ())):
+            visit(target, [*stack, node])
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_sizes_and_no_exits_in_library_code() -> None:
+    for path in sorted([*(ROOT / "trainer").rglob("*.py"), *(ROOT / "data_tools").rglob("*.py")]):
+        text = path.read_text(encoding="utf-8")
+        if path.name != "config.py":
+            assert len(text.splitlines()) <= 600, path
+        if path.name != "__main__.py":
+            assert "raise SystemExit" not in text, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 100, f"{path}:{node.name}"  # type: ignore[operator]
