@@ -32,7 +32,6 @@ SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # USTAR names hold 100 bytes; "KEY.NN.webp" must fit without a PAX header (keeps tars plain).
 MAX_KEY_LENGTH = 80
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 TAR_BLOCK = 512
 
 

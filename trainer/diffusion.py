@@ -73,15 +73,6 @@ def loss_weight_at(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
     return -alpha_derivative(t, schedule) / p_mask_at(t, schedule)
 
 
-def t_for_p_mask(p_mask: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
-    """Inverse of :func:`p_mask_at`: the time at which the masking probability is ``p_mask``."""
-    if schedule == "linear":
-        return p_mask
-    if schedule == "cosine":
-        return torch.arccos((1.0 - p_mask).clamp(-1.0, 1.0)) * (2.0 / math.pi)
-    raise ValueError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-
-
 # ----------------------------------------------------------------------------------------------
 # t sampling
 

@@ -125,15 +125,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Rank ``src``'s object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def all_ranks_counter(counter: Counter[str]) -> dict[str, int]:
     """Sum a per-rank Counter of skip reasons over all ranks."""
     local = dict(counter)

@@ -23,12 +23,14 @@ from trainer.nelbo import nelbo_eval
 from trainer.sampling import (
     GenerationConfig,
     Prompt,
-    SpecialTokens,
+    add_generation_arguments,
     add_model_arguments,
     decode_generations,
     generate,
+    generation_config_from_args,
     load_model,
 )
+from trainer.tokens import SpecialTokens
 
 # ------------------------------------------------------------------------------------------------
 # Generation metrics on held-out shards and the `evaluate` command
@@ -338,11 +340,7 @@ def main(argv: list[str]) -> int:
         "--image-mode", choices=IMAGE_MODES, default="normal", help="controls: blank, shuffled"
     )
     parser.add_argument("--no-nelbo", action="store_true", help="skip the NELBO pass")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer canvas length")
-    parser.add_argument("--steps", type=int, default=16, help="denoising steps")
-    parser.add_argument("--block-size", type=int, default=16, help="semi-AR block length")
-    parser.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    add_generation_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed NELBO row")
     parser.add_argument("--shift", action="store_true", help="the model was trained with diffusion.shift")
@@ -357,15 +355,7 @@ def main(argv: list[str]) -> int:
             data = data / "test"
         if not (data / "index.json").is_file():
             raise ValueError(f"--data {args.data!r} has no index.json: pass a shard set built by data_tools")
-        generation = GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            steps=args.steps,
-            block_size=args.block_size,
-            remasking=args.remasking,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
-        generation.validate()
+        generation = generation_config_from_args(args)
         from trainer.assets import load_processor
 
         model = load_model(

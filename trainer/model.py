@@ -31,8 +31,8 @@ from torch import nn
 
 from trainer import attention, diffusion
 from trainer.config import LoraConfig, ModelConfig
+from trainer.tokens import IM_START, MASK_TOKEN
 
-MASK_TOKEN = "<|mask|>"
 QWEN_MASK_TOKEN_ID = 151_669
 QWEN_IM_START_ID = 151_644  # identifies the Qwen vocabulary
 
@@ -95,7 +95,7 @@ def ensure_mask_token(tokenizer: Any, num_embeddings: int) -> int:
     if mask_id is None or mask_id == tokenizer.unk_token_id:
         tokenizer.add_tokens([MASK_TOKEN], special_tokens=True)
         mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-    if tokenizer.convert_tokens_to_ids("<|im_start|>") == QWEN_IM_START_ID and mask_id != QWEN_MASK_TOKEN_ID:
+    if tokenizer.convert_tokens_to_ids(IM_START) == QWEN_IM_START_ID and mask_id != QWEN_MASK_TOKEN_ID:
         raise ValueError(
             f"{MASK_TOKEN} got id {mask_id} in a Qwen tokenizer, expected {QWEN_MASK_TOKEN_ID}: "
             "use the published Qwen3-VL tokenizer (or make-tiny's) without other added tokens"

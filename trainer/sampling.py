@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from trainer.diffusion import logits_at_positions
+from trainer.tokens import SpecialTokens
 
 
 @dataclass
@@ -70,39 +71,6 @@ class GenerationConfig:
             raise ValueError(f"padding_side={self.padding_side!r}: use 'right' or 'left'")
 
 
-@dataclass(frozen=True)
-class SpecialTokens:
-    """The token ids and vision settings generation needs (read from tokenizer and model config)."""
-
-    mask: int
-    """`<|mask|>`: the canvas token; never predicted."""
-    eos: int
-    """`<|im_end|>`: ends the answer."""
-    pad: int
-    """`<|endoftext|>`: padding between rows of a batch."""
-    image: int
-    """`<|image_pad|>`: positions that receive image embeddings."""
-    vision_start: int
-    """`<|vision_start|>`: needed for M-RoPE ids."""
-    spatial_merge_size: int
-    """Vision merge factor (2 on Qwen3-VL): needed for M-RoPE ids."""
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any, model_config: Any) -> SpecialTokens:
-        """Ids from a tokenizer with `<|mask|>` and a `Qwen3VLConfig` (never hard-coded numbers)."""
-        mask = tokenizer.convert_tokens_to_ids("<|mask|>")
-        if mask is None or mask == getattr(tokenizer, "unk_token_id", -1):
-            raise ValueError("the tokenizer has no <|mask|> token: load it through trainer.model")
-        return cls(
-            mask=int(mask),
-            eos=int(tokenizer.convert_tokens_to_ids("<|im_end|>")),
-            pad=int(tokenizer.convert_tokens_to_ids("<|endoftext|>")),
-            image=int(model_config.image_token_id),
-            vision_start=int(model_config.vision_start_token_id),
-            spatial_merge_size=int(model_config.vision_config.spatial_merge_size),
-        )
-
-
 @dataclass
 class Prompt:
     """One request: a chat-formatted prompt and its images, already processed."""
@@ -135,14 +103,6 @@ class Generation:
     """The whole canvas at the end (masks left after `<|im_end|>` stay masks)."""
     canvas_steps: list[int] = field(default_factory=list)
     """Commit step of every canvas position (0 = never committed)."""
-
-
-class _LanguageLike(Protocol):
-    lm_head: nn.Module
-
-    def __call__(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: torch.Tensor, vision: Any
-    ) -> torch.Tensor: ...
 
 
 class MDLMModelLike(Protocol):
@@ -469,6 +429,37 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help="trainer checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags of `generate` and `evaluate`, defaults taken from :class:`GenerationConfig`
+    (read back with :func:`generation_config_from_args`; `--seed` is the command's own)."""
+    defaults = GenerationConfig()
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="answer canvas length"
+    )
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps in total")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="semi-AR block length")
+    parser.add_argument(
+        "--remasking", choices=["low_confidence", "random"], default=defaults.remasking, help="what to commit"
+    )
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    parser.add_argument("--no-stop-at-eos", action="store_true", help="fill the whole canvas")
+
+
+def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    """The validated :class:`GenerationConfig` of parsed `add_generation_arguments` flags."""
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
+        block_size=args.block_size,
+        remasking=args.remasking,
+        temperature=args.temperature,
+        seed=args.seed,
+        stop_at_eos=not args.no_stop_at_eos,
+    )
+    config.validate()
+    return config
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer generate",
@@ -481,18 +472,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prompts-file", help='JSON lines {"prompt": str, "images": [path, ...]}: one request per line'
     )
-    defaults = GenerationConfig()
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="answer canvas length"
-    )
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps in total")
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="semi-AR block length")
-    parser.add_argument(
-        "--remasking", choices=["low_confidence", "random"], default=defaults.remasking, help="what to commit"
-    )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    add_generation_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--no-stop-at-eos", action="store_true", help="fill the whole canvas")
     parser.add_argument("--shift", action="store_true", help="the model was trained with diffusion.shift")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flex | flash")
@@ -538,16 +519,7 @@ def main(argv: list[str]) -> int:
     """`python -m trainer generate`: print the answers (or JSON with `--json`)."""
     args = _parser().parse_args(argv)
     try:
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            steps=args.steps,
-            block_size=args.block_size,
-            remasking=args.remasking,
-            temperature=args.temperature,
-            seed=args.seed,
-            stop_at_eos=not args.no_stop_at_eos,
-        )
-        config.validate()
+        config = generation_config_from_args(args)
         requests = _requests(args)
         images = {path: _open_image(path) for _, paths in requests for path in paths}
         from trainer.assets import load_processor

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,11 +44,16 @@ from trainer.config import (
 )
 from trainer.distributed import DistInfo
 from trainer.flops import flops_model, peak_flops, step_flops, sum_sq_doc_len
-from trainer.model import MDLMModel, build_mdlm_model
+from trainer.model import MDLMModel, MDLMOutput, build_mdlm_model
 from trainer.optim import client_optimizer, schedule_lengths, scheduler_factory
 from trainer.run_log import MetricsWriter, Throughput, peak_memory_gib
 from trainer.seeding import derived_seed
 from trainer.stopping import StopAgreement
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from trainer.data import PackedBatch, TrainLoader
 
 
 class TrainingError(RuntimeError):
@@ -177,7 +182,7 @@ def build_training_model(config: TrainConfig, precision: str, info: DistInfo) ->
 
 def build_engine(
     config: TrainConfig, ds_config: dict[str, Any], model: MDLMModel, total_steps: int, warmup_steps: int
-) -> tuple[Any, Any]:
+) -> tuple[DeepSpeedEngine, torch.optim.lr_scheduler.LambdaLR]:
     """The DeepSpeed engine over the trainable half of the model, and its learning-rate scheduler."""
     import deepspeed
 
@@ -195,7 +200,7 @@ def build_engine(
 
 def build_train_loader(
     config: TrainConfig, info: DistInfo, processor: Any, resume_state: dict[str, Any] | None
-) -> Any:
+) -> TrainLoader:
     """This rank's ``TrainLoader``, positioned at the resumed step."""
     from trainer.data import TrainLoader, parse_shard_specs
 
@@ -219,7 +224,7 @@ def build_train_loader(
     )
 
 
-def build_eval_batches(config: TrainConfig, info: DistInfo, processor: Any) -> list[Any] | None:
+def build_eval_batches(config: TrainConfig, info: DistInfo, processor: Any) -> list[PackedBatch] | None:
     """This rank's fixed held-out batches, reused at every evaluation (None without a test set)."""
     from trainer.data import EvalLoader
 
@@ -239,7 +244,7 @@ def build_eval_batches(config: TrainConfig, info: DistInfo, processor: Any) -> l
 
 
 def restore(
-    engine: Any, resume_dir: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo
+    engine: DeepSpeedEngine, resume_dir: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo
 ) -> None:
     """Load a checkpoint into the engine (through the universal format at another world size)."""
     if info.is_main and ckpt.needs_universal(state, info.world_size):
@@ -304,7 +309,7 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------
 
-    def train_step(self, micro_batches: list[Any]) -> StepStats:
+    def train_step(self, micro_batches: list[PackedBatch]) -> StepStats:
         """Forward/backward every micro-batch of this rank and step the optimizer (module docstring)."""
         info = self.info
         # The normaliser: answer tokens of the whole global step.
@@ -350,8 +355,8 @@ class Trainer:
         )
 
     def micro_step(
-        self, batch: Any, generator: torch.Generator, normaliser: float
-    ) -> tuple[Any, torch.Tensor]:
+        self, batch: PackedBatch, generator: torch.Generator, normaliser: float
+    ) -> tuple[MDLMOutput, torch.Tensor]:
         """Noise one micro-batch and run the engine's forward with the loss (the outputs and t)."""
         from trainer.diffusion import apply_masking, sample_sequence_t
 
@@ -384,7 +389,7 @@ class Trainer:
         return out, t_BS
 
     @staticmethod
-    def count_micro_batch(sums: StepSums, batch: Any, out: Any, t_BS: torch.Tensor) -> None:
+    def count_micro_batch(sums: StepSums, batch: PackedBatch, out: MDLMOutput, t_BS: torch.Tensor) -> None:
         """Add one micro-batch to this rank's step sums."""
         present = torch.zeros_like(t_BS, dtype=torch.bool)
         for row, seq in enumerate(batch.seq_ids):

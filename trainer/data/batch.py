@@ -16,6 +16,7 @@ import torch
 from data_tools.shards import read_sample
 from trainer.data.plan import SampleRef
 from trainer.positions import mrope_position_ids
+from trainer.tokens import ENDOFTEXT, IMAGE_PAD, VISION_START, token_id
 
 __all__ = ["LoadedSample", "PackedBatch", "SampleReader", "collate_rows"]
 
@@ -110,10 +111,10 @@ class SampleReader:
         """`processor`: a Qwen3-VL processor (`trainer.assets.load_processor`): tokenizer + image processor."""
         tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
-        self.image_token_id = int(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-        self.vision_start_token_id = int(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+        self.image_token_id = token_id(tokenizer, IMAGE_PAD)
+        self.vision_start_token_id = token_id(tokenizer, VISION_START)
         pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        self.pad_token_id = int(pad if pad is not None else token_id(tokenizer, ENDOFTEXT))
         self.spatial_merge_size = int(self.image_processor.merge_size)
         self.patch_size = int(self.image_processor.patch_size)
         self.log_every_s = log_every_s

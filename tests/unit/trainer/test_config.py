@@ -19,7 +19,7 @@ from trainer.config import (
     write_run_files,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BASE = {"model.name_or_path": "/nonexistent/model", "data.train": "/nonexistent/shards"}
 
 

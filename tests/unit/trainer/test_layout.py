@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DISTRIBUTED = ("deepspeed", "torch.distributed")
 # Modules that must stay pure: the math, the model assembly and all of data_tools.
 PURE_TRAINER_MODULES = ("assets", "attention", "diffusion", "model", "positions", "metrics")
@@ -40,11 +38,6 @@ def test_pure_trainer_modules_import_no_distributed() -> None:
         path = ROOT / "trainer" / f"{name}.py"
         if path.exists():
             assert not offending(path, DISTRIBUTED), path
-
-
-def test_importing_the_packages_does_not_import_deepspeed() -> None:
-    code = "import sys, trainer, data_tools; assert 'deepspeed' not in sys.modules, 'deepspeed imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def project_imports() -> dict[str, set[str]]:
