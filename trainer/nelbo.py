@@ -11,7 +11,6 @@ the training loss).
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,11 +26,7 @@ from trainer.diffusion import (
     masked_cross_entropy,
     p_mask_at,
 )
-
-
-def _sample_seed(seed: int, key: str) -> int:
-    """A stable 63-bit seed from (seed, sample key): Python's hash() is salted per process."""
-    return (zlib.crc32(f"{seed}:{key}".encode()) << 31) ^ zlib.crc32(f"{key}:{seed}".encode())
+from trainer.seeding import key_seed
 
 
 def fixed_uniforms(
@@ -47,7 +42,7 @@ def fixed_uniforms(
             where_L = answer_BL[row] & (seq_ids_cpu[row] == sub)
             count = int(where_L.sum())
             if count:
-                generator = torch.Generator().manual_seed(_sample_seed(seed, key))
+                generator = torch.Generator().manual_seed(key_seed(seed, key))
                 u_BL[row, where_L] = torch.rand(count, generator=generator)
     return u_BL.to(answer_mask_BL.device)
 
