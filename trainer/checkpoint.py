@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,104 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(dirs, key=lambda p: int(TAG_RE.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def latest_valid(root: str | os.PathLike[str]) -> Path | None:
-    """The newest committed, intact checkpoint under ``root`` (half-written ones are skipped)."""
-    for ckpt in reversed(list_checkpoints(root)):
-        if read_state(ckpt) is not None:
-            return ckpt
+def latest_valid(root: str | os.PathLike[str], verify: bool = False) -> Path | None:
+    """The checkpoint the ``latest`` pointer names when it is intact, else the newest committed,
+    intact one under ``root`` (half-written ones are skipped). With ``verify`` the trained weights'
+    checksum is checked too; a checkpoint that fails is skipped with a warning."""
+    root = Path(root)
+    try:
+        pointed: Path | None = root / (root / POINTER_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        pointed = None
+    candidates = [c for c in reversed(list_checkpoints(root)) if c != pointed]
+    if pointed is not None and TAG_RE.match(pointed.name):
+        candidates.insert(0, pointed)
+    for ckpt in candidates:
+        state = read_state(ckpt)
+        if state is None:
+            continue
+        if verify and not trained_state_intact(ckpt, state):
+            print(
+                f"checkpoint: warning: {ckpt} fails its checksum (trained weights changed on disk); "
+                "using the previous one",
+                file=sys.stderr,
+            )
+            continue
+        return ckpt
     return None
+
+
+def clear_run(output_dir: str | os.PathLike[str]) -> None:
+    """Remove a previous run's checkpoints, metrics and TensorBoard logs (``--overwrite_output_dir``)."""
+    out = Path(output_dir)
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+class RunLockError(ResumeError):
+    """Another live run holds the output directory."""
+
+
+class RunLock:
+    """``OUTPUT_DIR/.run.lock``: one live run per output directory (taken by global rank 0).
+
+    The file names its holder (host, pid). A lock whose process is gone on this host is stale and
+    taken over; a lock from another host cannot be checked and must be removed by hand.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(output_dir) / ".run.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunLockError naming the holder."""
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise RunLockError(
+                    f"{str(self.path.parent)!r} is in use by another run (host {holder.get('host', '?')}, "
+                    f"pid {holder.get('pid', '?')}); wait for it, use another --output_dir, or remove "
+                    f"{str(self.path)!r} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            return
+        raise RunLockError(f"could not take {str(self.path)!r}; another run started at the same time")
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        """Give the lock back (only the holder does)."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def find_resume(output_dir: str | os.PathLike[str], resume: str) -> Path | None:
@@ -101,7 +194,7 @@ def find_resume(output_dir: str | os.PathLike[str], resume: str) -> Path | None:
         return None
     if resume == "auto":
         root = checkpoint_root(output_dir)
-        found = latest_valid(root)
+        found = latest_valid(root, verify=True)
         if found is None:
             raise ResumeError(
                 f"--resume auto found no committed checkpoint in {str(root)!r}; drop --resume to start fresh"
@@ -111,18 +204,44 @@ def find_resume(output_dir: str | os.PathLike[str], resume: str) -> Path | None:
     if not path.exists():
         raise ResumeError(f"--resume {resume!r} does not exist; pass a checkpoint directory or 'auto'")
     if (path / STATE_FILE).exists():
-        if read_state(path) is None:
+        state = read_state(path)
+        if state is None or not trained_state_intact(path, state):
             raise ResumeError(
                 f"--resume {resume!r} is a damaged or half-written checkpoint; pass an earlier one or 'auto'"
             )
         return path
     for root in (path, checkpoint_root(path)):
-        found = latest_valid(root)
+        found = latest_valid(root, verify=True)
         if found is not None:
             return found
     raise ResumeError(
         f"--resume {resume!r} holds no committed checkpoint; pass a checkpoint directory or 'auto'"
     )
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 16 MiB pieces."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(16 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def trained_state_intact(ckpt_dir: Path, state: dict[str, Any]) -> bool:
+    """The trained weights still have the checksum recorded at commit (older records have none)."""
+    expected = state.get("trainable_sha256")
+    return expected is None or file_sha256(ckpt_dir / WEIGHTS_FILE) == expected
 
 
 def commit(root: str | os.PathLike[str], tag: str, state: dict[str, Any], keep_last: int = 0) -> Path:
@@ -134,7 +253,16 @@ def commit(root: str | os.PathLike[str], tag: str, state: dict[str, Any], keep_l
     """
     root = Path(root)
     ckpt_dir = root / tag
-    state = {**state, "tag": tag, "manifest": _manifest(ckpt_dir)}
+    manifest = _manifest(ckpt_dir)
+    # Everything the record lists is on disk before the record exists (a power cut must not leave a
+    # commit record over files still in the page cache).
+    for rel in manifest:
+        _fsync_file(ckpt_dir / rel)
+    for folder in {(ckpt_dir / rel).parent for rel in manifest}:
+        fsync_dir(folder)
+    state = {**state, "tag": tag, "manifest": manifest}
+    if (ckpt_dir / WEIGHTS_FILE).is_file():
+        state["trainable_sha256"] = file_sha256(ckpt_dir / WEIGHTS_FILE)
     atomic_write_text(ckpt_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
     atomic_write_text(root / POINTER_FILE, tag)
     prune(root, keep_last, newest=ckpt_dir)

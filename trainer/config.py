@@ -166,6 +166,12 @@ class CheckpointConfig:
     """"" = start fresh, "auto" = newest committed checkpoint in output_dir (error if none), or a path."""
     save_at_end: bool = True
     """Save a checkpoint when training finishes."""
+    overwrite_output_dir: bool = False
+    """Start fresh in an output_dir that holds another run's checkpoints, removing them and its
+    metrics first (HF ``--overwrite_output_dir``); without it such a start is refused."""
+    allow_config_change: bool = False
+    """Resume even though the config changes what the run computes (data, seed, model, LoRA shape,
+    max tokens); the differences are logged."""
 
 
 @dataclass
@@ -203,6 +209,13 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = 600.0
+    """Collective timeout: a rank that waits this long for a dead or stuck peer fails with an error
+    naming the collective and the step, instead of hanging (the launcher then ends the job)."""
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: resolved config, DeepSpeed JSON, metrics.jsonl, TensorBoard, checkpoints."""
@@ -228,6 +241,8 @@ class TrainConfig:
     """Evaluation during training."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed template and precision."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Process-group settings."""
 
 
 # Hugging Face Trainer-style flat names -> dotted keys. Entries mapped to None need a custom
@@ -268,6 +283,8 @@ ALIASES: dict[str, str | None] = {
     "eval_steps": "eval.every",
     "seed": "seed",
     "resume_from_checkpoint": "checkpoint.resume",
+    "overwrite_output_dir": "checkpoint.overwrite_output_dir",
+    "allow_config_change": "checkpoint.allow_config_change",
     "resume": "checkpoint.resume",
     "deepspeed": "deepspeed.config",
 }
@@ -529,6 +546,7 @@ def validate(config: TrainConfig) -> None:
         "logging.log_every": config.logging.log_every,
         "lora.r": config.lora.r,
         "schedule.max_consecutive_skips": s.max_consecutive_skips,
+        "distributed.timeout_s": config.distributed.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -617,10 +635,44 @@ def config_hash(config: TrainConfig) -> str:
     data["checkpoint"].pop("resume", None)
     data.pop("output_dir", None)
     data["logging"] = {}
+    data.pop("distributed", None)
     data["schedule"].pop("time_limit_s", None)
     data["schedule"].pop("exit_after_steps", None)
+    for key in ("overwrite_output_dir", "allow_config_change"):
+        data["checkpoint"].pop(key, None)
     text = json.dumps(data, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+RESUME_DEFINING_KEYS: tuple[str, ...] = (
+    "seed",
+    "model.name_or_path",
+    "model.freeze_vision",
+    "model.freeze_merger",
+    "model.train_embeddings",
+    "lora.enabled",
+    "lora.r",
+    "lora.alpha",
+    "lora.target_modules",
+    "data.train",
+    "data.max_tokens",
+)
+"""Settings a resume may not change without ``checkpoint.allow_config_change``: they change what the
+run computes (the global batch and the ZeRO stage are checked separately, always)."""
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """``key: old -> new`` for every :data:`RESUME_DEFINING_KEYS` entry that differs from ``saved``
+    (a checkpoint's stored config)."""
+    now = to_dict(config)
+    changes = []
+    for key in RESUME_DEFINING_KEYS:
+        group, _, name = key.rpartition(".")
+        old = (saved.get(group, {}) if group else saved).get(name)
+        new = (now[group] if group else now)[name]
+        if old is not None and old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
 
 
 def dump_yaml(config: TrainConfig) -> str:

@@ -10,6 +10,7 @@ import os
 import socket
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def env_rank() -> int:
+    """Global rank announced by the launcher, 0 for a plain process."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def env_world_size() -> int:
     """World size announced by the launcher (deepspeed / torchrun / Slurm), 1 for a plain process."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,8 +52,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def setup() -> DistInfo:
-    """Start the process group: NCCL on GPUs, gloo on CPU; a plain ``python`` run becomes world size 1."""
+def setup(timeout_s: float = 600.0) -> DistInfo:
+    """Start the process group: NCCL on GPUs, gloo on CPU; a plain ``python`` run becomes world size 1.
+
+    ``timeout_s`` bounds every collective: a rank waiting for a dead peer fails instead of hanging."""
     import deepspeed  # only the loop imports deepspeed (docs/CONTRACTS.md, Layout: pure parts stay pure)
 
     if "RANK" not in os.environ:
@@ -66,12 +74,16 @@ def setup() -> DistInfo:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "OMP_NUM_THREADS" in os.environ:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=timedelta(seconds=timeout_s)
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 def teardown() -> None:
-    """Destroy the process group (so a Python-API caller can run again in the same process)."""
+    """After a run that ended well: wait for every rank, then destroy the process group (so a
+    Python-API caller can run again in the same process). Never call it on an error path: a peer
+    may be dead or inside another collective (docs/DESIGN.md §9)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -407,9 +407,13 @@ def load_model(
 def _load_from_checkpoint(model: str, checkpoint: str, dtype: torch.dtype, attn_implementation: str) -> Any:
     """The model as the run built it (settings from the checkpoint's stored config), trained
     weights loaded (`trainer.export.load_trained_model`); `model` overrides the base path."""
+    from trainer.checkpoint import find_resume
     from trainer.export import load_trained_model
 
-    mdlm, _ = load_trained_model(checkpoint, base=model, dtype=dtype)
+    # A run directory (or its checkpoints/) means its committed latest checkpoint: say which.
+    resolved = find_resume(checkpoint, checkpoint)
+    print(f"using checkpoint {resolved}", file=sys.stderr)
+    mdlm, _ = load_trained_model(resolved, base=model, dtype=dtype)
     if attn_implementation != mdlm.backend:
         mdlm.set_attention(attn_implementation)
     return mdlm

@@ -21,6 +21,7 @@ then :meth:`Trainer.train` logs, evaluates, checkpoints and agrees on stopping (
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import astuple, dataclass, field
@@ -38,6 +39,7 @@ from trainer.config import (
     config_hash,
     global_batch_size,
     resolve_precision,
+    resume_changes,
     to_dict,
     write_run_files,
     zero_stage,
@@ -140,7 +142,32 @@ def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
     ds_config = build_deepspeed_config(config, world_size, cuda=cuda, bf16_supported=bf16)
     if resume_dir is not None:
         check_resume_geometry(resume_dir, config, ds_config, world_size)
+        check_resume_config(resume_dir, config)
+    elif (
+        ckpt.list_checkpoints(ckpt.checkpoint_root(config.output_dir))
+        and not config.checkpoint.overwrite_output_dir
+    ):
+        raise ckpt.ResumeError(
+            f"output_dir {config.output_dir!r} holds another run's checkpoints: continue it with "
+            "--resume_from_checkpoint auto, or start over with --overwrite_output_dir (removes its "
+            "checkpoints and metrics)"
+        )
     return resume_dir, ds_config
+
+
+def check_resume_config(resume_dir: Path, config: TrainConfig) -> None:
+    """Refuse a resume whose config changes what the run computes, unless allowed (then logged)."""
+    state = ckpt.read_state(resume_dir)
+    changes = resume_changes((state or {}).get("config") or {}, config)
+    if not changes:
+        return
+    if not config.checkpoint.allow_config_change:
+        raise ckpt.ResumeError(
+            f"resuming {resume_dir} would change what the run computes ({'; '.join(changes)}); "
+            "undo the change, or pass --allow_config_change"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train: warning: resuming with config changes: {'; '.join(changes)}", file=sys.stderr)
 
 
 def check_resume_geometry(
@@ -282,6 +309,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = config.deepspeed.tf32
         self.output_dir = Path(config.output_dir)
         if info.is_main:
+            if resume_dir is None and config.checkpoint.overwrite_output_dir:
+                ckpt.clear_run(self.output_dir)
             write_run_files(config, ds_config)
         # Rank 0 creates the run folder before any rank opens files in it.
         distributed.barrier()
@@ -557,8 +586,13 @@ def run(config: TrainConfig) -> TrainResult:
     Raises ``ConfigError`` / ``ResumeError`` on user errors before any process group starts.
     """
     resume_dir, ds_config = prepare(config)
-    info = distributed.setup()
-    try:
-        return Trainer(config, ds_config, resume_dir, info).train()
-    finally:
-        distributed.teardown()
+    lock = ckpt.RunLock(config.output_dir)
+    if distributed.env_rank() == 0:
+        lock.acquire()  # before any process group: a second run on this output_dir ends here
+    info = distributed.setup(config.distributed.timeout_s)
+    # An error leaves at once, entering no collective (no teardown barrier): the peers are in
+    # their own next collective, and the launcher ends them when this process exits non-zero.
+    result = Trainer(config, ds_config, resume_dir, info).train()
+    distributed.teardown()
+    lock.release()
+    return result

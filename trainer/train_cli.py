@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
+
+import torch.distributed
 
 from trainer import checkpoint as ckpt
 from trainer import distributed
@@ -52,6 +55,24 @@ Trainer-style names (--learning_rate, --per_device_train_batch_size, --lora Fals
 See trainer/config.py for every field."""
 
 
+def report_failure(text: str) -> None:
+    """This rank's traceback, every line prefixed by the rank (the launchers interleave ranks' output)."""
+    prefix = f"[rank {os.environ.get('RANK', '0')}] "
+    sys.stderr.write("".join(prefix + line + "\n" for line in ("train: error", *text.rstrip().splitlines())))
+    sys.stderr.flush()
+
+
+def leave(code: int) -> int:
+    """Exit now. With a live process group no teardown is attempted: a peer may be dead or inside
+    another collective, so waiting for it could hang (docs/DESIGN.md §9); the launcher (deepspeed,
+    torchrun) ends the other ranks when this one exits non-zero."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str]) -> int:
     """``python -m trainer train``: exit 0 on success (also after a signal/time-limit checkpoint)."""
     if any(a in ("-h", "--help") for a in argv):
@@ -71,9 +92,16 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         result = run(config)
-    except TrainingError as err:
+    except ckpt.RunLockError as err:  # before any process group
         print(f"train: error: {err}", file=sys.stderr)
-        return 1
+        return 2
+    except TrainingError as err:  # raised on every rank at the same step: one line from rank 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train: error: {err}", file=sys.stderr)
+        return leave(1)
+    except Exception:
+        report_failure(traceback.format_exc())
+        return leave(1)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {
             "step": result.step,

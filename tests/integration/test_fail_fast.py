@@ -1,0 +1,73 @@
+"""One rank fails, the job ends: under torchrun, the deepspeed launcher and plain python, within 60 s,
+non-zero, with the failing rank's traceback printed once and prefixed by its rank.
+
+The failure is injected from outside the trainer: `fail_site/sitecustomize.py` (on PYTHONPATH) makes
+one rank's third optimizer step raise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from launch_helpers import REPO, child_env, common_args, free_port, torchrun_cmd
+
+SITE = Path(__file__).with_name("fail_site")
+
+
+def launcher(kind: str, args: list[str]) -> list[str]:
+    if kind == "torchrun":
+        return torchrun_cmd(2, args)
+    if kind == "deepspeed":
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        return [
+            deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "--module", "trainer", "train", *args,
+        ]  # fmt: skip
+    return [sys.executable, "-m", "trainer", "train", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["torchrun", "deepspeed", "python"])
+def test_one_rank_raises_and_every_process_is_gone_within_60_s(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, kind: str
+) -> None:
+    failing_rank = "0" if kind == "python" else "1"
+    env = child_env()
+    env["PYTHONPATH"] = str(SITE) + os.pathsep + env["PYTHONPATH"]
+    stamp = tmp_path / "failed_at"
+    env.update(MDLM_TEST_FAIL_RANK=failing_rank, MDLM_TEST_FAIL_AT="3", MDLM_TEST_FAIL_STAMP=str(stamp))
+    args = [
+        *common_args(tiny_model_dir, mixed_shards, tmp_path / "run"),
+        "--max_steps",
+        "50",
+        "--save_steps",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        launcher(kind, args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    tree = psutil.Process(proc.pid)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        for child in tree.children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        proc.kill()
+    ended = time.time()
+    assert proc.returncode != 0
+    seconds = ended - float(stamp.read_text())
+    print(f"{kind}: every process gone {seconds:.1f} s after the error")
+    assert seconds < 60, seconds
+    message = f"[rank {failing_rank}] RuntimeError: injected failure on rank {failing_rank}"
+    assert stderr.count(message) == 1, stderr[-4000:]
+    assert f"[rank {failing_rank}] train: error" in stderr
+    leftovers = [
+        p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not leftovers, leftovers

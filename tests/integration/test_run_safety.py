@@ -1,0 +1,146 @@
+"""Runs never mix: a fresh run into another run's folder, a second live run on the same folder and a
+resume that changes what the run computes are refused before any process group starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from launch_helpers import REPO, child_env, common_args
+
+from trainer.checkpoint import RunLock, RunLockError, checkpoint_root, commit, latest_valid, read_state
+from trainer.config import load_config, to_dict
+from trainer.train_cli import main
+
+
+def fake_checkpoint(output_dir: Path, step: int, config: dict[str, object] | None = None) -> Path:
+    """A committed checkpoint folder (one engine file + the commit record) of another run."""
+    ckpt_dir = checkpoint_root(output_dir) / f"step-{step:08d}"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "engine.pt").write_bytes(b"x")
+    state = {"step": step, "world_size": 1, "global_batch_size": 2, "zero_stage": 2}
+    if config is not None:
+        state["config"] = config
+    commit(ckpt_dir.parent, ckpt_dir.name, state)
+    return ckpt_dir
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert not dist.is_initialized()
+    return code, err
+
+
+def test_fresh_run_into_another_runs_folder_is_refused(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    fake_checkpoint(out, 12)
+    code, err = run_main(common_args(tiny_model_dir, mixed_shards, out), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "holds another run's checkpoints" in err
+    assert "--resume_from_checkpoint auto" in err and "--overwrite_output_dir" in err
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_removes_the_old_run(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    fake_checkpoint(out, 12)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 12, "loss": 1.0}) + "\n")
+    args = [*common_args(tiny_model_dir, mixed_shards, out), "--max_steps", "1", "--overwrite_output_dir"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in sorted(checkpoint_root(out).glob("step-*"))] == ["step-00000001"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert latest_valid(checkpoint_root(out)) == checkpoint_root(out) / "step-00000001"
+    assert not (out / ".run.lock").exists()  # released at the end
+
+
+def test_resume_that_changes_the_computation_is_refused_unless_allowed(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = common_args(tiny_model_dir, mixed_shards, out)
+    saved = to_dict(load_config(None, args))  # what the earlier run trained with
+    fake_checkpoint(out, 4, saved)
+    changed = [*args, "--resume", "auto", "--seed", "7", "--lora_r", "8"]
+    code, err = run_main(changed, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "would change what the run computes (seed: 6 -> 7; lora.r: 16 -> 8)" in err
+    assert "--allow_config_change" in err
+    # Harmless changes (logging, evaluation and save cadence) pass; so does an allowed change.
+    code, err = run_main(
+        [*args, "--resume", "auto", "--logging.log_every", "3", "--save_steps", "9", "--dry-run"], capsys
+    )
+    assert code == 0, err
+    code, err = run_main([*changed, "--allow_config_change", "--dry-run"], capsys)
+    assert code == 0, err
+
+
+def test_a_second_live_run_on_the_same_folder_fails_at_once_naming_the_holder(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / ".run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        code, err = run_main([*common_args(tiny_model_dir, mixed_shards, out), "--max_steps", "1"], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"is in use by another run (host {socket.gethostname()}, pid {holder.pid})" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and taken over.
+    lock = RunLock(out)
+    lock.acquire()
+    assert json.loads((out / ".run.lock").read_text())["pid"] != holder.pid
+    with pytest.raises(RunLockError, match="in use by another run"):
+        RunLock(out).acquire()
+    lock.release()
+    assert not (out / ".run.lock").exists()
+
+
+def test_export_and_generate_take_the_committed_latest_checkpoint(tmp_path: Path) -> None:
+    """The `latest` pointer wins over a higher step number (e.g. a checkpoint copied in by hand)."""
+    out = tmp_path / "run"
+    fake_checkpoint(out, 12)
+    newer = fake_checkpoint(out, 4)  # committed after step 12: the pointer names it
+    assert (checkpoint_root(out) / "latest").read_text() == newer.name
+    assert latest_valid(checkpoint_root(out)) == newer
+    (newer / "engine.pt").write_bytes(b"truncated!")  # damaged: the newest intact one is used
+    assert read_state(newer) is None
+    assert latest_valid(checkpoint_root(out)) == checkpoint_root(out) / "step-00000012"
+
+
+def test_a_checkpoint_whose_trained_weights_changed_is_skipped_for_the_previous(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.checkpoint import WEIGHTS_FILE, find_resume
+
+    out = tmp_path / "run"
+    for step in (4, 8):
+        ckpt_dir = checkpoint_root(out) / f"step-{step:08d}"
+        ckpt_dir.mkdir(parents=True)
+        (ckpt_dir / WEIGHTS_FILE).write_bytes(bytes([step]) * 64)
+        commit(ckpt_dir.parent, ckpt_dir.name, {"step": step})
+    newest = checkpoint_root(out) / "step-00000008"
+    assert "trainable_sha256" in (read_state(newest) or {})
+    (newest / WEIGHTS_FILE).write_bytes(bytes([9]) * 64)  # same size, other bytes: only the checksum sees it
+    assert read_state(newest) is not None
+    assert find_resume(out, "auto") == checkpoint_root(out) / "step-00000004"
+    assert "fails its checksum" in capsys.readouterr().err
