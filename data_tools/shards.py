@@ -242,6 +242,35 @@ def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return index
 
 
+def check_files(directory: str | os.PathLike[str], index: dict[str, Any] | None = None) -> list[str]:
+    """A fast check that the shard files still match `index.json` (what every rank runs at start):
+    each listed shard exists with its recorded size and its first sample's tar header at the recorded
+    offset names that sample. `verify` is the full check (every sample, hashes)."""
+    directory = Path(directory)
+    index = read_index(directory) if index is None else index
+    problems = []
+    for shard in index.get("shards", []):
+        path = directory / shard["name"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{shard['name']} is missing")
+            continue
+        if size != shard["num_bytes"]:
+            problems.append(f"{shard['name']} has {size} bytes, index.json says {shard['num_bytes']}")
+            continue
+        if shard["samples"]:
+            first = shard["samples"][0]
+            with open(path, "rb") as f:
+                f.seek(first["offset"])
+                name = f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
+            if name.partition(".")[0] != first["key"]:
+                problems.append(
+                    f"{shard['name']}: the tar at offset {first['offset']} holds {name!r}, not {first['key']}"
+                )
+    return problems
+
+
 def _check_sample(sample: dict[str, Any], entry: dict[str, Any], where: str) -> list[str]:
     problems = []
     j = sample["json"]

@@ -104,6 +104,9 @@ class DataConfig:
     """Tokens per packed row (longer samples are skipped and counted)."""
     packing: bool = True
     """Pack several samples into one row with block-diagonal attention."""
+    max_skip_fraction: float = 0.001
+    """Stop the run (non-zero exit, a table of reasons and shards) once the samples skipped as
+    corrupt, mismatched or out of vocabulary exceed this fraction of the samples read (all ranks)."""
     drop_remainder: bool = False
     """Drop the packs left over at the end of an epoch (fewer than one global step) instead of
     carrying them into the next epoch's stream."""
@@ -572,6 +575,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
     if config.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
+    if not 0.0 <= config.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction must lie in [0, 1], got {config.data.max_skip_fraction}")
     if not 0.0 <= config.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {config.lora.dropout}")
     if not 0.0 < config.diffusion.eps < 1.0:

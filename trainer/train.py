@@ -33,6 +33,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.config import (
+    ConfigError,
     TrainConfig,
     build_deepspeed_config,
     check_paths,
@@ -99,6 +100,10 @@ class StepSums:
     """Attention cost (see trainer.flops)."""
     num_vision_tokens: float = 0.0
     """Patch tokens through the vision tower."""
+    num_read: float = 0.0
+    """Samples the loader tried to read for this step."""
+    num_skipped: float = 0.0
+    """Of those, skipped (corrupt, mismatched, out of vocabulary)."""
 
     def reduced(self) -> StepSums:
         """The sums over all ranks (float64, so counts stay exact)."""
@@ -126,6 +131,10 @@ class StepStats:
     """Mean diffusion time over sub-sequences."""
     flops: float
     """Model FLOPs (see trainer.flops.step_flops)."""
+    num_read: int = 0
+    """Samples the loaders tried to read for this step (all ranks)."""
+    num_skipped: int = 0
+    """Of those, skipped."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +144,7 @@ class StepStats:
 def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
     """Check paths and resume, build the DeepSpeed JSON; raises ConfigError / ResumeError."""
     check_paths(config)
+    check_shard_sets(config)
     resume_dir = ckpt.find_resume(config.output_dir, config.checkpoint.resume)
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -153,6 +163,32 @@ def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
             "checkpoints and metrics)"
         )
     return resume_dir, ds_config
+
+
+def check_shard_sets(config: TrainConfig) -> None:
+    """Every shard set the run reads: files as `index.json` lists them, built with the model's tokenizer."""
+    from data_tools.samples import load_tokenizer, tokenizer_fingerprint
+    from data_tools.shards import check_files, read_index
+    from trainer.data import parse_shard_specs
+
+    dirs, _ = parse_shard_specs(config.data.train)
+    model_fingerprint = tokenizer_fingerprint(load_tokenizer(config.model.name_or_path))
+    for directory in [*dirs, *([config.data.test] if config.data.test else [])]:
+        index = read_index(directory)
+        problems = check_files(directory, index)
+        if problems:
+            raise ConfigError(
+                f"shard set {directory!r} no longer matches its index.json ({problems[0]}"
+                f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); rebuild it or restore the files"
+            )
+        built = index.get("tokenizer", {})
+        if built.get("fingerprint") != model_fingerprint:
+            raise ConfigError(
+                f"shard set {directory!r} was built with the tokenizer of {built.get('name_or_path')!r} "
+                f"(fingerprint {str(built.get('fingerprint'))[:12]}), but model.name_or_path "
+                f"{config.model.name_or_path!r} has {model_fingerprint[:12]}: rebuild the shards with "
+                "--model set to the model you train"
+            )
 
 
 def check_resume_config(resume_dir: Path, config: TrainConfig) -> None:
@@ -324,6 +360,7 @@ class Trainer:
         self.zero3 = zero_stage(ds_config) == 3
         self.train_vision = not (config.model.freeze_vision and config.model.freeze_merger)
         self.step = self.skipped_steps = self.consecutive_skips = 0
+        self.samples_read = self.samples_skipped = 0
         self.last_saved = -1
         if resume_dir is not None:
             assert resume_state is not None
@@ -338,14 +375,18 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------
 
-    def train_step(self, micro_batches: list[PackedBatch]) -> StepStats:
-        """Forward/backward every micro-batch of this rank and step the optimizer (module docstring)."""
+    def train_step(
+        self, micro_batches: list[PackedBatch], num_read: int = 0, num_skipped: int = 0
+    ) -> StepStats:
+        """Forward/backward every micro-batch of this rank and step the optimizer (module docstring).
+
+        ``num_read`` / ``num_skipped``: this rank's loader counts for the step (summed with the rest)."""
         info = self.info
         # The normaliser: answer tokens of the whole global step.
         (global_answers,) = distributed.all_reduce_sum([sum(mb.num_answer_tokens for mb in micro_batches)])
         # DeepSpeed averages gradients over ranks: scale each rank's share back up by the world size.
         normaliser = max(global_answers, 1.0) / info.world_size
-        sums = StepSums()
+        sums = StepSums(num_read=float(num_read), num_skipped=float(num_skipped))
         for index, batch in enumerate(micro_batches):
             batch = batch.to(info.device)
             # Noise and dropout are keyed by the micro-batch's place in the global step (the plan puts
@@ -381,6 +422,8 @@ class Trainer:
                 int(g.num_masked),
                 int(g.num_vision_tokens),
             ),
+            num_read=int(g.num_read),
+            num_skipped=int(g.num_skipped),
         )
 
     def micro_step(
@@ -454,11 +497,12 @@ class Trainer:
                 item = next(data)
                 t1 = time.perf_counter()
                 lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
-                stats = self.train_step(item.micro_batches)
+                stats = self.train_step(item.micro_batches, item.num_read, sum(item.skipped.values()))
                 self.step += 1
                 t2 = time.perf_counter()
                 result.losses.append(stats.loss)
                 self.count_skips(stats)
+                self.check_skip_budget(stats)
                 meter.add(t2 - t0, t1 - t0, stats.num_tokens, stats.num_samples, stats.flops)
                 if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
                     self.log_step(stats, lr, item.epoch, meter)
@@ -512,6 +556,22 @@ class Trainer:
                 f"{self.consecutive_skips} non-finite steps in a row (last at step {self.step}): lower optim.lr, "
                 "check the data, or use bf16/fp32 instead of fp16"
             )
+
+    def check_skip_budget(self, stats: StepStats) -> None:
+        """Stop (every rank together: the counts are global) once too many samples were skipped."""
+        self.samples_read += stats.num_read
+        self.samples_skipped += stats.num_skipped
+        if self.samples_skipped <= self.config.data.max_skip_fraction * self.samples_read:
+            return
+        where = distributed.all_ranks_counter(self.loader.num_skipped_where)
+        table = "\n".join(f"  {count:>8}  {reason:<20} {shard}" for (reason, shard), count in sorted(
+            ((tuple(key.split(" ", 1)), count) for key, count in where.items()), key=lambda kv: -kv[1]
+        ))  # fmt: skip
+        raise TrainingError(
+            f"{self.samples_skipped} of {self.samples_read} samples read were skipped by step {self.step} "
+            f"(more than data.max_skip_fraction = {self.config.data.max_skip_fraction}); check the shards with "
+            f"`python -m data_tools verify DIR`, or raise data.max_skip_fraction:\n    count  reason               shard\n{table}"
+        )
 
     def log_step(self, stats: StepStats, lr: float, epoch: int, meter: Throughput) -> None:
         """One metrics line (every rank takes part: skipped samples are summed over ranks)."""

@@ -4,6 +4,8 @@ resume that changes what the run computes are refused before any process group s
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -144,3 +146,59 @@ def test_a_checkpoint_whose_trained_weights_changed_is_skipped_for_the_previous(
     assert read_state(newest) is not None
     assert find_resume(out, "auto") == checkpoint_root(out) / "step-00000004"
     assert "fails its checksum" in capsys.readouterr().err
+
+
+def copied_shards(mixed_shards: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(mixed_shards, out)
+    return out
+
+
+def test_shards_that_no_longer_match_their_index_are_refused_at_start(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = copied_shards(mixed_shards, tmp_path)
+    tar = sorted((shards / "train").glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[:-1024])
+    code, err = run_main(common_args(tiny_model_dir, shards, tmp_path / "run"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"no longer matches its index.json ({tar.name} has" in err
+
+
+def test_shards_of_another_tokenizer_are_refused_naming_both(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = copied_shards(mixed_shards, tmp_path)
+    index = json.loads((shards / "test" / "index.json").read_text())
+    index["tokenizer"].update(fingerprint="0123456789abcdef", name_or_path="Qwen/Qwen2.5-VL-3B-Instruct")
+    (shards / "test" / "index.json").write_text(json.dumps(index))
+    code, err = run_main(common_args(tiny_model_dir, shards, tmp_path / "run"), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "built with the tokenizer of 'Qwen/Qwen2.5-VL-3B-Instruct' (fingerprint 0123456789ab)" in err
+    assert f"model.name_or_path {str(tiny_model_dir)!r} has" in err
+
+
+@pytest.mark.slow
+def test_too_many_skipped_samples_stop_the_run_with_a_table(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
+) -> None:
+    shards = copied_shards(mixed_shards, tmp_path)
+    index = json.loads((shards / "train" / "index.json").read_text())
+    shard = index["shards"][0]
+    with open(shards / "train" / shard["name"], "r+b") as f:
+        for sample in shard["samples"][1:]:  # the first stays intact: the start check passes
+            f.seek(sample["offset"] + 512)
+            f.write(b"\xff\x00garbage")
+    args = [*common_args(tiny_model_dir, shards, tmp_path / "run"), "--max_steps", "20"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (
+        "samples read were skipped by step" in proc.stderr and "data.max_skip_fraction = 0.001" in proc.stderr
+    )
+    assert re.search(rf"\d+  corrupt +{shard['name']}", proc.stderr)

@@ -9,6 +9,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,10 +120,19 @@ class SampleReader:
         self.patch_size = int(self.image_processor.patch_size)
         self.log_every_s = log_every_s
         self.skipped: Counter[str] = Counter()
+        self.skipped_where: Counter[str] = Counter()
+        """Skips by "REASON SHARD" (for the table printed when the skip budget is exceeded)."""
+        self.num_read = 0
+        """Samples this reader was asked for."""
+        # Ids the tokenizer can produce; anything else (a shard of another vocabulary, corrupt
+        # bytes that still parse) would index rows the model never trained.
+        self.vocab_size = len(tokenizer)
         self._last_log: dict[str, float] = {}
 
     def read(self, ref: SampleRef, key: str) -> LoadedSample | None:
-        """The sample at `ref`, or None (counted and logged) when it is corrupt or disagrees with the index."""
+        """The sample at `ref`, or None (counted and logged) when it is corrupt, disagrees with the index
+        or holds token ids outside the tokenizer's vocabulary."""
+        self.num_read += 1
         try:
             raw = read_sample(ref.shard_path, ref.offset, ref.num_bytes)
         except Exception as e:  # any decode failure of untrusted bytes: tar, JSON, UTF-8, image codecs
@@ -130,15 +140,21 @@ class SampleReader:
             return None
         try:
             return self._check_and_convert(raw, ref, key)
+        except TokenRangeError as e:
+            self._skip("token_out_of_range", key, ref, str(e))
         except (ValueError, KeyError, TypeError) as e:
             self._skip("mismatch", key, ref, str(e))
-            return None
+        return None
 
     def _check_and_convert(self, raw: dict[str, Any], ref: SampleRef, key: str) -> LoadedSample:
         sample = raw["json"]
         if sample.get("key") != ref.key:
             raise ValueError(f"json key {sample.get('key')!r} != index key {ref.key!r}")
         input_ids = torch.tensor(sample["input_ids"], dtype=torch.long)
+        if len(input_ids) and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise TokenRangeError(
+                f"token ids span [{int(input_ids.min())}, {int(input_ids.max())}], the tokenizer has {self.vocab_size}"
+            )
         answer_mask = torch.tensor(sample["answer_mask"], dtype=torch.bool)
         if input_ids.dim() != 1 or len(input_ids) != ref.num_tokens or len(answer_mask) != len(input_ids):
             raise ValueError(
@@ -171,6 +187,7 @@ class SampleReader:
 
     def _skip(self, reason: str, key: str, ref: SampleRef, detail: str) -> None:
         self.skipped[reason] += 1
+        self.skipped_where[f"{reason} {Path(ref.shard_path).name}"] += 1
         now = time.monotonic()
         last = self._last_log.get(reason)
         if last is None or now - last >= self.log_every_s:
@@ -179,6 +196,10 @@ class SampleReader:
                 "skipped sample %s (%s at offset %d): %s: %s [%d %s so far in this reader]",
                 key, ref.shard_path, ref.offset, reason, detail, self.skipped[reason], reason,
             )  # fmt: skip
+
+
+class TokenRangeError(ValueError):
+    """A sample holds token ids the tokenizer cannot produce."""
 
 
 def collate_rows(rows: list[list[LoadedSample]], pad_token_id: int) -> PackedBatch:

@@ -37,7 +37,11 @@ class TrainStep:
     micro_batches: list[PackedBatch]
     """grad_accum micro-batches of micro_batch rows each."""
     skipped: dict[str, int] = field(default_factory=dict)
-    """Samples of this step skipped on this rank, by reason ("corrupt", "mismatch")."""
+    """Samples of this step skipped on this rank, by reason ("corrupt", "mismatch", "token_out_of_range")."""
+    skipped_where: dict[str, int] = field(default_factory=dict)
+    """The same skips by "REASON SHARD"."""
+    num_read: int = 0
+    """Samples of this step this rank tried to read."""
 
     @property
     def keys(self) -> list[str]:
@@ -46,7 +50,8 @@ class TrainStep:
 
     def pin_memory(self) -> TrainStep:
         """A copy whose tensors are in pinned memory (DataLoader(pin_memory=True))."""
-        return TrainStep(self.epoch, self.step, [mb.pin_memory() for mb in self.micro_batches], self.skipped)
+        pinned = [mb.pin_memory() for mb in self.micro_batches]
+        return TrainStep(self.epoch, self.step, pinned, self.skipped, self.skipped_where, self.num_read)
 
 
 def _identity(item: TrainStep) -> TrainStep:
@@ -67,7 +72,11 @@ class _RankSteps(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for j in range(worker, len(self.steps), num_workers):
-            before = Counter(self.reader.skipped)
+            before, before_where, read_before = (
+                Counter(self.reader.skipped),
+                Counter(self.reader.skipped_where),
+                self.reader.num_read,
+            )
             micro_batches = []
             for rows in self.steps[j]:
                 loaded = [
@@ -76,7 +85,9 @@ class _RankSteps(IterableDataset):
                 ]
                 micro_batches.append(collate_rows(loaded, self.reader.pad_token_id))
             skipped = dict(self.reader.skipped - before)
-            yield TrainStep(self.epoch, self.first_step + j, micro_batches, skipped)
+            where = dict(self.reader.skipped_where - before_where)
+            num_read = self.reader.num_read - read_before
+            yield TrainStep(self.epoch, self.first_step + j, micro_batches, skipped, where, num_read)
 
 
 def _ordered_steps(
@@ -188,6 +199,8 @@ class TrainLoader:
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_epochs = max_epochs
         self.plan_fingerprint = self.spec.fingerprint(self.catalog)
+        self.num_skipped_where: Counter[str] = Counter()
+        """Skipped samples on this rank by "REASON SHARD"."""
         self.num_skipped: Counter[str] = Counter()
         """Skipped samples on this rank so far, by reason (reduce across ranks before reporting)."""
         if resume is not None:
@@ -239,6 +252,7 @@ class TrainLoader:
                 self._step = item.step + 1
                 self._normalise()
                 self.num_skipped.update(item.skipped)
+                self.num_skipped_where.update(item.skipped_where)
                 yield item
 
     def _rank_step(self, plan: EpochPlan, step: int) -> _Step:

@@ -327,3 +327,22 @@ def test_packed_rows_from_shards_equal_samples_one_by_one_in_the_tiny_model(
             )
             num_compared += 1
     assert num_compared >= 3
+
+
+def test_token_ids_outside_the_vocabulary_are_a_skip_reason(
+    shard_dir: Path, processor: Any, tmp_path: Path
+) -> None:
+    edited = tmp_path / "edited"
+    shutil.copytree(shard_dir, edited)
+    entry = read_index(edited)["shards"][2]["samples"][3]
+    with open(edited / "shard-000002.tar", "r+b") as f:
+        f.seek(entry["offset"])
+        raw = f.read(entry["num_bytes"])
+        at = raw.index(b"151644")  # <|im_start|> in its input_ids
+        f.seek(entry["offset"] + at)
+        f.write(b"951644")  # same length: the JSON still parses, the id is past the vocabulary
+    loader = _loader(edited, processor, world_size=1, packing=False, num_workers=0)
+    keys = [k for item in loader for k in item.keys]
+    assert entry["key"] not in keys
+    assert loader.num_skipped == Counter({"token_out_of_range": 1})
+    assert loader.num_skipped_where == Counter({"token_out_of_range shard-000002.tar": 1})
