@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,23 @@ def prune(root: Path, keep_last: int, newest: Path) -> None:
 # Engine side (every rank)
 
 
+def keep_frozen_weights_out_of_state_dict(module: torch.nn.Module) -> None:
+    """Make ``module.state_dict()`` (what DeepSpeed saves as the module) list trained tensors only.
+
+    DeepSpeed's ``exclude_frozen_parameters`` drops frozen parameters by their first name only, so a
+    tied alias (the LM head sharing the frozen embedding) would still be saved whole; this drops
+    every name of every frozen parameter. Loading is then non-strict: the frozen weights come from
+    the base model the run is rebuilt from.
+    """
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def drop_frozen(_: torch.nn.Module, state_dict: dict[str, Any], prefix: str, __: Any) -> None:
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    module.register_state_dict_post_hook(drop_frozen)
+
+
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters that training changes, by name."""
     return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
@@ -320,8 +338,12 @@ def save(
 
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
+    started = time.perf_counter()
     # Our own pointer is moved only after the commit record exists: DeepSpeed must not write it.
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    # Frozen weights are not saved again (the run rebuilds them from the base model; docs/DESIGN.md
+    # §6): a checkpoint then holds what training changes, small enough to commit in a SIGTERM's
+    # grace time.
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     weights = gather_trainable_state(engine.module, zero3)
     if is_main:
         tmp = root / tag / f".{WEIGHTS_FILE}.tmp"
@@ -330,7 +352,7 @@ def save(
     # Every rank's DeepSpeed shards must be on disk before rank 0 commits.
     barrier()
     if is_main:
-        commit(root, tag, state, keep_last)
+        commit(root, tag, {**state, "save_seconds": round(time.perf_counter() - started, 3)}, keep_last)
     # Nobody proceeds (or exits) before the commit: a later crash must find this checkpoint.
     barrier()
     return root / tag
@@ -356,8 +378,13 @@ def load(engine: Any, ckpt_dir: str | os.PathLike[str], is_main: bool) -> dict[s
         # The converted files must exist before any rank reads them.
         barrier()
         load_dir, tag = ckpt_dir, UNIVERSAL_DIR
+    # Not strict: the frozen weights are not in the checkpoint, they come from the base model.
     load_path, _ = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir),
+        tag=tag,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {str(ckpt_dir)!r}; pass an earlier checkpoint")

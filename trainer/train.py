@@ -250,6 +250,7 @@ def build_engine(
     import deepspeed
 
     trainable = [p for p in model.engine_module.parameters() if p.requires_grad]
+    ckpt.keep_frozen_weights_out_of_state_dict(model.engine_module)
     optimizer = None if "optimizer" in ds_config else client_optimizer(config, trainable)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model.engine_module,
