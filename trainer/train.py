@@ -21,7 +21,6 @@ then :meth:`Trainer.train` logs, evaluates, checkpoints and agrees on stopping (
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import astuple, dataclass, field
@@ -33,14 +32,10 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.config import (
-    ConfigError,
     TrainConfig,
-    build_deepspeed_config,
-    check_paths,
     config_hash,
     global_batch_size,
     resolve_precision,
-    resume_changes,
     to_dict,
     write_run_files,
     zero_stage,
@@ -49,6 +44,7 @@ from trainer.distributed import DistInfo
 from trainer.flops import flops_model, peak_flops, step_flops, sum_sq_doc_len
 from trainer.model import MDLMModel, MDLMOutput, build_mdlm_model
 from trainer.optim import client_optimizer, schedule_lengths, scheduler_factory
+from trainer.preflight import prepare
 from trainer.run_log import MetricsWriter, Throughput, peak_memory_gib
 from trainer.seeding import derived_seed
 from trainer.stopping import StopAgreement
@@ -135,99 +131,6 @@ class StepStats:
     """Samples the loaders tried to read for this step (all ranks)."""
     num_skipped: int = 0
     """Of those, skipped."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Before any process group: every check that can fail on user input
-
-
-def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
-    """Check paths and resume, build the DeepSpeed JSON; raises ConfigError / ResumeError."""
-    check_paths(config)
-    check_shard_sets(config)
-    resume_dir = ckpt.find_resume(config.output_dir, config.checkpoint.resume)
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    world_size = distributed.env_world_size()
-    ds_config = build_deepspeed_config(config, world_size, cuda=cuda, bf16_supported=bf16)
-    if resume_dir is not None:
-        check_resume_geometry(resume_dir, config, ds_config, world_size)
-        check_resume_config(resume_dir, config)
-    elif (
-        ckpt.list_checkpoints(ckpt.checkpoint_root(config.output_dir))
-        and not config.checkpoint.overwrite_output_dir
-    ):
-        raise ckpt.ResumeError(
-            f"output_dir {config.output_dir!r} holds another run's checkpoints: continue it with "
-            "--resume_from_checkpoint auto, or start over with --overwrite_output_dir (removes its "
-            "checkpoints and metrics)"
-        )
-    return resume_dir, ds_config
-
-
-def check_shard_sets(config: TrainConfig) -> None:
-    """Every shard set the run reads: files as `index.json` lists them, built with the model's tokenizer."""
-    from data_tools.samples import load_tokenizer, tokenizer_fingerprint
-    from data_tools.shards import check_files, read_index
-    from trainer.data import parse_shard_specs
-
-    dirs, _ = parse_shard_specs(config.data.train)
-    model_fingerprint = tokenizer_fingerprint(load_tokenizer(config.model.name_or_path))
-    for directory in [*dirs, *([config.data.test] if config.data.test else [])]:
-        index = read_index(directory)
-        problems = check_files(directory, index)
-        if problems:
-            raise ConfigError(
-                f"shard set {directory!r} no longer matches its index.json ({problems[0]}"
-                f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); rebuild it or restore the files"
-            )
-        built = index.get("tokenizer", {})
-        if built.get("fingerprint") != model_fingerprint:
-            raise ConfigError(
-                f"shard set {directory!r} was built with the tokenizer of {built.get('name_or_path')!r} "
-                f"(fingerprint {str(built.get('fingerprint'))[:12]}), but model.name_or_path "
-                f"{config.model.name_or_path!r} has {model_fingerprint[:12]}: rebuild the shards with "
-                "--model set to the model you train"
-            )
-
-
-def check_resume_config(resume_dir: Path, config: TrainConfig) -> None:
-    """Refuse a resume whose config changes what the run computes, unless allowed (then logged)."""
-    state = ckpt.read_state(resume_dir)
-    changes = resume_changes((state or {}).get("config") or {}, config)
-    if not changes:
-        return
-    if not config.checkpoint.allow_config_change:
-        raise ckpt.ResumeError(
-            f"resuming {resume_dir} would change what the run computes ({'; '.join(changes)}); "
-            "undo the change, or pass --allow_config_change"
-        )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train: warning: resuming with config changes: {'; '.join(changes)}", file=sys.stderr)
-
-
-def check_resume_geometry(
-    resume_dir: Path, config: TrainConfig, ds_config: dict[str, Any], world_size: int
-) -> None:
-    """Refuse a resume whose batch or ZeRO stage changed; route another world size to the universal load."""
-    state = ckpt.read_state(resume_dir)
-    assert state is not None  # find_resume returns committed checkpoints only
-    saved_batch = state.get("global_batch_size")
-    new_batch = global_batch_size(config, world_size)
-    if saved_batch is not None and int(saved_batch) != new_batch:
-        raise ckpt.ResumeError(
-            f"{resume_dir} was trained with a global batch of {saved_batch} rows, this run has {new_batch} "
-            f"(micro batch * grad accum * {world_size} ranks); keep the global batch to resume, e.g. "
-            "--gradient_accumulation_steps or schedule.global_batch_size"
-        )
-    saved_stage, stage = state.get("zero_stage"), zero_stage(ds_config)
-    if saved_stage is not None and int(saved_stage) != stage:
-        raise ckpt.ResumeError(
-            f"{resume_dir} was trained with ZeRO-{saved_stage}, this run uses ZeRO-{stage}; "
-            "resume with the same --deepspeed config"
-        )
-    if ckpt.needs_universal(state, world_size):
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +401,15 @@ class Trainer:
                 item = next(data)
                 t1 = time.perf_counter()
                 lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
-                stats = self.train_step(item.micro_batches, item.num_read, sum(item.skipped.values()))
+                try:
+                    stats = self.train_step(item.micro_batches, item.num_read, sum(item.skipped.values()))
+                except Exception as err:
+                    # A collective timeout names the collective; this says where in the run it was.
+                    if hasattr(err, "add_note"):
+                        err.add_note(
+                            f"during optimizer step {self.step + 1} (micro-batches of rank {self.info.rank})"
+                        )
+                    raise
                 self.step += 1
                 t2 = time.perf_counter()
                 result.losses.append(stats.loss)

@@ -18,7 +18,8 @@ from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.config import ConfigError, load_config
 from trainer.dry_run import dry_run_report
-from trainer.train import TrainingError, prepare, run
+from trainer.preflight import prepare
+from trainer.train import TrainingError, run
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, bool, list[str]]:

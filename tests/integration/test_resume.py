@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
-from launch_helpers import child_env, common_args, torchrun_cmd
+from launch_helpers import child_env, common_args, free_port, torchrun_cmd
 
 from trainer.checkpoint import STATE_FILE, UNIVERSAL_DIR, WEIGHTS_FILE, checkpoint_root, read_state
 
@@ -257,3 +257,44 @@ def test_zero3_lora_kill9_mid_run_then_resume_equals_uninterrupted(
 
     run_cmd(torchrun_cmd(2, [*args, "--resume", "auto"]))
     assert_equal_runs(out, zero3_lora_runs["reference"], from_step=resume_step)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_of_a_deepspeed_run_commits_and_resumes_exactly(
+    zero3_lora_runs: dict[str, Path],
+    tiny_model_dir: Path,
+    mixed_shards: Path,
+    tmp_path: Path,
+    run_cmd: RunCmd,
+) -> None:
+    """What Slurm's scancel and Kubernetes send: SIGTERM to every process of the job. Every rank
+    checkpoints at the same step and exits 0; the resumed run continues with the reference losses."""
+    out = tmp_path / "terminated"
+    args = run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 2)
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    command = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "--module", "trainer", "train", *args]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and 5 in records(out)[0]:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before the signal"
+        signalled = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.time() - signalled < 60
+    assert "stopped by signal at step" in output
+    stopped_at = int(output.split("stopped by signal at step ")[1].split(";")[0])
+    state = read_state(checkpoint_root(out) / f"step-{stopped_at:08d}")
+    assert state is not None and state["step"] == stopped_at
+    run_cmd(torchrun_cmd(2, [*args, "--resume", "auto"]))
+    assert_equal_runs(out, zero3_lora_runs["reference"], from_step=stopped_at)
