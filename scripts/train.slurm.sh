@@ -20,6 +20,10 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 PYTHON="${PYTHON:-python}"
 RESUME=()
 if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then RESUME=(--resume auto); fi
+# Slurm sends SIGTERM 300 s before the time limit (--signal=TERM@300 above); torchrun forwards it to
+# the ranks and, by default, SIGKILLs them 30 s later. Give the ranks the grace time asked of Slurm
+# (less a margin) to finish their step and commit a checkpoint. (scancel waits Slurm's KillWait.)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${GRACE_S:-280}"
 
 # `exec` in each task so that Slurm's SIGTERM reaches torchrun, which forwards it to the ranks.
 srun --kill-on-bad-exit=1 bash -c "exec $PYTHON -m torch.distributed.run \
