@@ -191,8 +191,19 @@ def build_train_loader(
     )
 
 
-def build_eval_batches(config: TrainConfig, info: DistInfo, processor: Any) -> list[PackedBatch] | None:
-    """This rank's fixed held-out batches, reused at every evaluation (None without a test set)."""
+@dataclass
+class EvalSet:
+    """The fixed held-out batches of this rank, and the samples skipped building them (all ranks)."""
+
+    batches: list[PackedBatch]
+    skipped: dict[str, int]
+
+
+def build_eval_set(config: TrainConfig, info: DistInfo, processor: Any) -> EvalSet | None:
+    """This rank's fixed held-out batches, reused at every evaluation (None without a test set).
+
+    Corrupt held-out samples are skipped and counted like training ones (every rank takes part in
+    the count, a collective); the count goes into every evaluation record."""
     from trainer.data import EvalLoader
 
     if not config.data.test:
@@ -207,7 +218,11 @@ def build_eval_batches(config: TrainConfig, info: DistInfo, processor: Any) -> l
         packing=config.data.packing,
         limit=config.eval.max_samples or config.data.limit_test,
     )
-    return list(loader)
+    batches = list(loader)
+    skipped = distributed.all_ranks_counter(loader.num_skipped)
+    if skipped and info.is_main:
+        print(f"train: warning: held-out samples skipped: {skipped}", file=sys.stderr)
+    return EvalSet(batches, skipped)
 
 
 def restore(
@@ -271,7 +286,7 @@ class Trainer:
             restore(self.engine, resume_dir, resume_state, config, info)
             self.step = self.last_saved = int(resume_state["step"])
             self.skipped_steps = int(resume_state.get("skipped_steps", 0))
-        self.eval_batches = build_eval_batches(config, info, processor)
+        self.eval_set = build_eval_set(config, info, processor)
         self.flops_model = flops_model(self.model, config.lora.enabled)
         self.peak_flops = peak_flops(info.device, self.precision)
         self.writer = MetricsWriter(self.output_dir, info.is_main, config.logging.tensorboard)
@@ -424,7 +439,7 @@ class Trainer:
                         loss=f"{stats.loss:.4f}", tok_s=f"{stats.num_tokens / max(t2 - t0, 1e-9):.0f}"
                     )
                 if (
-                    self.eval_batches is not None
+                    self.eval_set is not None
                     and self.config.eval.every
                     and self.step % self.config.eval.every == 0
                 ):
@@ -502,14 +517,16 @@ class Trainer:
         """Held-out NELBO and masked accuracy on every rank (logged by rank 0)."""
         from trainer.nelbo import nelbo_eval
 
-        assert self.eval_batches is not None
+        assert self.eval_set is not None
         cfg = self.config
         metrics = nelbo_eval(
-            self.model, self.eval_batches, mask_token_id=self.model.mask_token_id, language=self.engine,
+            self.model, self.eval_set.batches, mask_token_id=self.model.mask_token_id, language=self.engine,
             t_grid=cfg.eval.t_grid, accuracy_t=cfg.eval.accuracy_t, schedule=cfg.diffusion.schedule,
             shift=cfg.diffusion.shift, seed=cfg.seed, device=self.info.device,
         )  # fmt: skip
-        self.writer.write({"kind": "eval", "step": self.step, **metrics})
+        self.writer.write(
+            {"kind": "eval", "step": self.step, **metrics, "skipped_samples": self.eval_set.skipped}
+        )
         return metrics
 
     def save(self) -> Path:
@@ -541,7 +558,7 @@ class Trainer:
         metrics = None
         cfg = self.config
         if (
-            self.eval_batches is not None
+            self.eval_set is not None
             and cfg.eval.at_end
             and (not cfg.eval.every or self.step % cfg.eval.every)
         ):

@@ -202,3 +202,30 @@ def test_too_many_skipped_samples_stop_the_run_with_a_table(
         "samples read were skipped by step" in proc.stderr and "data.max_skip_fraction = 0.001" in proc.stderr
     )
     assert re.search(rf"\d+  corrupt +{shard['name']}", proc.stderr)
+
+
+@pytest.mark.slow
+def test_a_corrupt_held_out_sample_is_skipped_and_counted_not_fatal(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
+) -> None:
+    shards = copied_shards(mixed_shards, tmp_path)
+    shard = json.loads((shards / "test" / "index.json").read_text())["shards"][0]
+    victim = shard["samples"][1]
+    with open(shards / "test" / shard["name"], "r+b") as f:
+        f.seek(victim["offset"] + 512)
+        f.write(b"\xff\x00garbage")
+    out = tmp_path / "run"
+    args = [*common_args(tiny_model_dir, shards, out), "--max_steps", "1", "--eval.at_end", "true"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out samples skipped: {'corrupt': 1}" in proc.stderr
+    evals = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+    ]
+    assert evals and evals[-1]["skipped_samples"] == {"corrupt": 1}
