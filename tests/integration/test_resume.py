@@ -122,6 +122,22 @@ def zero3_lora_runs(
     return runs
 
 
+def start_and_wait_for_step(command: list[str], out: Path, step: int, capture: bool) -> subprocess.Popen[str]:
+    """Start a launch in its own process group and return once ``step`` is logged (still running)."""
+    output = subprocess.PIPE if capture else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=child_env(), stdout=output, stderr=subprocess.STDOUT if capture else output,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and step in records(out)[0]:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the run ended before step {step} could be interrupted"
+    return proc
+
+
 def resume_copy(first4: Path, out: Path) -> Path:
     """A fresh output folder holding the first run's committed step-4 checkpoint and metrics."""
     shutil.copytree(first4, out)
@@ -224,18 +240,9 @@ def test_zero3_lora_kill9_mid_run_then_resume_equals_uninterrupted(
     """kill -9 of every rank between saves; a newer half-written checkpoint is ignored on resume."""
     out = tmp_path / "killed"
     args = run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 2)
-    proc = subprocess.Popen(
-        launch(2, args), cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+    # Kill once step 4 is committed and step 5 has trained: mid-run, not at a save.
+    proc = start_and_wait_for_step(launch(2, args), out, 5, capture=False)
     try:
-        deadline = time.time() + 240
-        # Kill once step 4 is committed and step 5 has trained: mid-run, not at a save.
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").exists() and 5 in records(out)[0]:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be killed"
         # torchrun starts its ranks in process groups of their own: kill the whole tree.
         ranks = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -274,17 +281,8 @@ def test_sigterm_to_the_process_group_of_a_deepspeed_run_commits_and_resumes_exa
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     command = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "--module", "trainer", "train", *args]  # fmt: skip
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    proc = start_and_wait_for_step(command, out, 5, capture=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").exists() and 5 in records(out)[0]:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before the signal"
         signalled = time.time()
         os.killpg(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=90)

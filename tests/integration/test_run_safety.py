@@ -58,13 +58,7 @@ def test_overwrite_output_dir_removes_the_old_run(
     fake_checkpoint(out, 12)
     (out / "metrics.jsonl").write_text(json.dumps({"step": 12, "loss": 1.0}) + "\n")
     args = [*common_args(tiny_model_dir, mixed_shards, out), "--max_steps", "1", "--overwrite_output_dir"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "train", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = train_once(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in sorted(checkpoint_root(out).glob("step-*"))] == ["step-00000001"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
@@ -148,6 +142,20 @@ def test_a_checkpoint_whose_trained_weights_changed_is_skipped_for_the_previous(
     assert "fails its checksum" in capsys.readouterr().err
 
 
+def train_once(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`python -m trainer train ARGS` in one process."""
+    command = [sys.executable, "-m", "trainer", "train", *args]
+    return subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True)
+
+
+def corrupt_samples(tar: Path, samples: list[dict[str, int]]) -> None:
+    """Overwrite the start of each sample's JSON member (same size: the index still matches)."""
+    with open(tar, "r+b") as f:
+        for sample in samples:
+            f.seek(sample["offset"] + 512)
+            f.write(b"\xff\x00garbage")
+
+
 def copied_shards(mixed_shards: Path, tmp_path: Path) -> Path:
     out = tmp_path / "shards"
     shutil.copytree(mixed_shards, out)
@@ -185,18 +193,10 @@ def test_too_many_skipped_samples_stop_the_run_with_a_table(
     shards = copied_shards(mixed_shards, tmp_path)
     index = json.loads((shards / "train" / "index.json").read_text())
     shard = index["shards"][0]
-    with open(shards / "train" / shard["name"], "r+b") as f:
-        for sample in shard["samples"][1:]:  # the first stays intact: the start check passes
-            f.seek(sample["offset"] + 512)
-            f.write(b"\xff\x00garbage")
+    # The first sample stays intact: the start check passes.
+    corrupt_samples(shards / "train" / shard["name"], shard["samples"][1:])
     args = [*common_args(tiny_model_dir, shards, tmp_path / "run"), "--max_steps", "20"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "train", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = train_once(args)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert (
         "samples read were skipped by step" in proc.stderr and "data.max_skip_fraction = 0.001" in proc.stderr
@@ -210,19 +210,10 @@ def test_a_corrupt_held_out_sample_is_skipped_and_counted_not_fatal(
 ) -> None:
     shards = copied_shards(mixed_shards, tmp_path)
     shard = json.loads((shards / "test" / "index.json").read_text())["shards"][0]
-    victim = shard["samples"][1]
-    with open(shards / "test" / shard["name"], "r+b") as f:
-        f.seek(victim["offset"] + 512)
-        f.write(b"\xff\x00garbage")
+    corrupt_samples(shards / "test" / shard["name"], shard["samples"][1:2])
     out = tmp_path / "run"
     args = [*common_args(tiny_model_dir, shards, out), "--max_steps", "1", "--eval.at_end", "true"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "train", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = train_once(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out samples skipped: {'corrupt': 1}" in proc.stderr
     evals = [
