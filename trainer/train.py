@@ -405,52 +405,22 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
-        """The fixed step order: step, count skips, log, evaluate, save, agree on stopping."""
+        """The fixed step order (:meth:`step_once`) until the schedule ends or the ranks agree to stop."""
         result = TrainResult(step=self.step)
         meter = Throughput()
         progress = self.progress_bar()
         data = iter(self.loader)  # the plan is endless and equal on every rank: no rank runs dry
         with self.stop, self.writer:
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                item = next(data)
-                t1 = time.perf_counter()
-                lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
+            while self.step < self.total_steps and not result.stopped_early:
                 try:
-                    stats = self.train_step(item.micro_batches, item.num_read, sum(item.skipped.values()))
+                    self.step_once(data, result, meter, progress)
                 except Exception as err:
-                    # A collective timeout names the collective; this says where in the run it was.
+                    # A collective's timeout names the collective; this says where in the run it was.
                     if hasattr(err, "add_note"):
                         err.add_note(
-                            f"during optimizer step {self.step + 1} (micro-batches of rank {self.info.rank})"
+                            f"after optimizer step {self.step} of {self.total_steps} on rank {self.info.rank}"
                         )
                     raise
-                self.step += 1
-                t2 = time.perf_counter()
-                result.losses.append(stats.loss)
-                self.count_skips(stats)
-                self.check_skip_budget(stats)
-                meter.add(t2 - t0, t1 - t0, stats.num_tokens, stats.num_samples, stats.flops)
-                if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
-                    self.log_step(stats, lr, item.epoch, meter)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(
-                        loss=f"{stats.loss:.4f}", tok_s=f"{stats.num_tokens / max(t2 - t0, 1e-9):.0f}"
-                    )
-                if (
-                    self.eval_set is not None
-                    and self.config.eval.every
-                    and self.step % self.config.eval.every == 0
-                ):
-                    result.eval = self.evaluate()
-                if self.config.checkpoint.save_every and self.step % self.config.checkpoint.save_every == 0:
-                    result.last_checkpoint = str(self.save())
-                why = self.stop.check(self.step)
-                if why is not None and self.step < self.total_steps:
-                    result.last_checkpoint = self.stop_early(why) or result.last_checkpoint
-                    result.stopped_early = True
-                    break
             if not result.stopped_early:
                 result.eval = self.finish(result) or result.eval
         if progress is not None:
@@ -460,6 +430,35 @@ class Trainer:
             latest = ckpt.latest_valid(ckpt.checkpoint_root(self.output_dir))
             result.last_checkpoint = str(latest) if latest else None
         return result
+
+    def step_once(self, data: Any, result: TrainResult, meter: Throughput, progress: Any) -> None:
+        """One optimizer step, then skip counts, the log line, evaluation, checkpoint and stop agreement."""
+        t0 = time.perf_counter()
+        item = next(data)
+        t1 = time.perf_counter()
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
+        stats = self.train_step(item.micro_batches, item.num_read, sum(item.skipped.values()))
+        self.step += 1
+        t2 = time.perf_counter()
+        result.losses.append(stats.loss)
+        self.count_skips(stats)
+        self.check_skip_budget(stats)
+        meter.add(t2 - t0, t1 - t0, stats.num_tokens, stats.num_samples, stats.flops)
+        if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
+            self.log_step(stats, lr, item.epoch, meter)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{stats.loss:.4f}", tok_s=f"{stats.num_tokens / max(t2 - t0, 1e-9):.0f}"
+            )
+        if self.eval_set is not None and self.config.eval.every and self.step % self.config.eval.every == 0:
+            result.eval = self.evaluate()
+        if self.config.checkpoint.save_every and self.step % self.config.checkpoint.save_every == 0:
+            result.last_checkpoint = str(self.save())
+        why = self.stop.check(self.step)
+        if why is not None and self.step < self.total_steps:
+            result.last_checkpoint = self.stop_early(why) or result.last_checkpoint
+            result.stopped_early = True
 
     def progress_bar(self) -> Any:
         """A tqdm bar on rank 0 when ``logging.progress`` (else None)."""

@@ -24,8 +24,8 @@ def test_short_demo_learns_above_chance(tmp_path: Path) -> None:
         num_test=48,
         tasks="colour_en",
         train_seconds=0,  # the budget is in steps: a slower machine trains as far, only later
-        max_steps=120,
-        overrides={"eval.every": 60},
+        max_steps=90,
+        overrides={"eval.every": 45},
     )
     report = run_demo(config)
     out = Path(config.output)

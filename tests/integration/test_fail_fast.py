@@ -71,3 +71,43 @@ def test_one_rank_raises_and_every_process_is_gone_within_60_s(
         p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
     ]
     assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+def test_a_peer_that_stops_answering_is_bounded_by_the_timeout_and_named(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
+) -> None:
+    """Rank 1 freezes (SIGSTOP) entering a collective: rank 0 waits there until distributed.timeout_s,
+    fails with an error naming the collective and the step, and torchrun ends the job."""
+    env = child_env()
+    env["PYTHONPATH"] = str(Path(__file__).with_name("hang_site")) + os.pathsep + env["PYTHONPATH"]
+    stamp = tmp_path / "hung_at"
+    env.update(
+        MDLM_TEST_HANG_RANK="1", MDLM_TEST_HANG_AT="12", MDLM_TEST_HANG_STAMP=str(stamp),
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT="3",
+    )  # fmt: skip
+    args = [
+        *common_args(tiny_model_dir, mixed_shards, tmp_path / "run"),
+        "--max_steps",
+        "50",
+        "--save_steps",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        torchrun_cmd(2, [*args, "--distributed.timeout_s", "10"]), cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    tree = psutil.Process(proc.pid)
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    finally:
+        for child in tree.children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        proc.kill()
+    seconds = time.time() - float(stamp.read_text())
+    print(f"frozen peer: every process gone {seconds:.1f} s after it stopped answering (timeout 10 s)")
+    assert proc.returncode != 0
+    assert seconds < 10 + 60, seconds
+    assert "[rank 0] train: error" in stderr, stderr[-4000:]
+    assert "[rank 0] after optimizer step " in stderr, stderr[-4000:]
+    assert "Timed out waiting 10000ms" in stderr  # the collective (gloo) says what it waited for

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from launch_helpers import child_env, common_args, free_port, torchrun_cmd
 
@@ -205,9 +204,8 @@ def test_zero3_lora_resume_two_ranks_to_one(
     [
         ("zero2", False, 2, 1, []),
         ("zero3", False, 1, 2, ["--model.freeze_merger", "false"]),
-        ("zero2", True, 1, 2, []),
     ],
-    ids=["zero2-full-2to1", "zero3-full-merger-1to2", "zero2-lora-1to2"],
+    ids=["zero2-full-2to1", "zero3-full-merger-1to2"],
 )
 def test_resume_at_another_world_size_equals_uninterrupted(
     tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, run_cmd: RunCmd,
@@ -230,43 +228,6 @@ def test_resume_at_another_world_size_equals_uninterrupted(
 
 
 @pytest.mark.slow
-def test_zero3_lora_kill9_mid_run_then_resume_equals_uninterrupted(
-    zero3_lora_runs: dict[str, Path],
-    tiny_model_dir: Path,
-    mixed_shards: Path,
-    tmp_path: Path,
-    run_cmd: RunCmd,
-) -> None:
-    """kill -9 of every rank between saves; a newer half-written checkpoint is ignored on resume."""
-    out = tmp_path / "killed"
-    args = run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 2)
-    # Kill once step 4 is committed and step 5 has trained: mid-run, not at a save.
-    proc = start_and_wait_for_step(launch(2, args), out, 5, capture=False)
-    try:
-        # torchrun starts its ranks in process groups of their own: kill the whole tree.
-        ranks = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for rank in ranks:
-            rank.kill()
-        psutil.wait_procs(ranks, timeout=60)
-    finally:
-        proc.wait(timeout=60)
-    root = checkpoint_root(out)
-    committed = [p.name for p in sorted(root.iterdir()) if p.is_dir() and read_state(p) is not None]
-    assert committed and committed[-1] in ("step-00000004", "step-00000008")
-    resume_step = int(committed[-1].split("-")[1])
-    # A newer checkpoint truncated mid-write (engine files cut short, no commit record) is ignored.
-    broken = root / f"step-{resume_step + 1:08d}"
-    shutil.copytree(root / committed[-1], broken)
-    (broken / STATE_FILE).unlink()
-    for path in broken.glob("*.pt"):
-        path.write_bytes(path.read_bytes()[:100])
-
-    run_cmd(torchrun_cmd(2, [*args, "--resume", "auto"]))
-    assert_equal_runs(out, zero3_lora_runs["reference"], from_step=resume_step)
-
-
-@pytest.mark.slow
 def test_sigterm_to_the_process_group_of_a_deepspeed_run_commits_and_resumes_exactly(
     zero3_lora_runs: dict[str, Path],
     tiny_model_dir: Path,
@@ -275,7 +236,8 @@ def test_sigterm_to_the_process_group_of_a_deepspeed_run_commits_and_resumes_exa
     run_cmd: RunCmd,
 ) -> None:
     """What Slurm's scancel and Kubernetes send: SIGTERM to every process of the job. Every rank
-    checkpoints at the same step and exits 0; the resumed run continues with the reference losses."""
+    checkpoints at the same step and exits 0; the resumed run skips a newer half-written checkpoint
+    and continues with the reference losses."""
     out = tmp_path / "terminated"
     args = run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 2)
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
@@ -292,7 +254,15 @@ def test_sigterm_to_the_process_group_of_a_deepspeed_run_commits_and_resumes_exa
     assert time.time() - signalled < 60
     assert "stopped by signal at step" in output
     stopped_at = int(output.split("stopped by signal at step ")[1].split(";")[0])
-    state = read_state(checkpoint_root(out) / f"step-{stopped_at:08d}")
+    root = checkpoint_root(out)
+    state = read_state(root / f"step-{stopped_at:08d}")
     assert state is not None and state["step"] == stopped_at
+    # A newer checkpoint cut short mid-write (engine files truncated, no commit record), as a crash
+    # during a later save leaves it, is ignored.
+    broken = root / f"step-{stopped_at + 1:08d}"
+    shutil.copytree(root / f"step-{stopped_at:08d}", broken)
+    (broken / STATE_FILE).unlink()
+    for path in broken.glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:100])
     run_cmd(torchrun_cmd(2, [*args, "--resume", "auto"]))
     assert_equal_runs(out, zero3_lora_runs["reference"], from_step=stopped_at)
