@@ -21,7 +21,7 @@ def test_short_demo_learns_above_chance(tmp_path: Path) -> None:
     config = DemoConfig(
         output=str(tmp_path / "demo"),
         num_train=3000,
-        num_test=48,
+        num_test=32,
         tasks="colour_en",
         train_seconds=0,  # the budget is in steps: a slower machine trains as far, only later
         max_steps=90,

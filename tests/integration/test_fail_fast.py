@@ -1,5 +1,6 @@
-"""One rank fails, the job ends: under torchrun, the deepspeed launcher and plain python, within 60 s,
-non-zero, with the failing rank's traceback printed once and prefixed by its rank.
+"""One rank fails, the job ends: under torchrun and the deepspeed launcher, within 60 s, non-zero, with
+the failing rank's traceback printed once and prefixed by its rank (a plain python run is one process:
+its error is its exit, and the same code path prints it).
 
 The failure is injected from outside the trainer: `fail_site/sitecustomize.py` (on PYTHONPATH) makes
 one rank's third optimizer step raise."""
@@ -22,21 +23,19 @@ SITE = Path(__file__).with_name("fail_site")
 def launcher(kind: str, args: list[str]) -> list[str]:
     if kind == "torchrun":
         return torchrun_cmd(2, args)
-    if kind == "deepspeed":
-        deepspeed = str(Path(sys.executable).parent / "deepspeed")
-        return [
-            deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "--module", "trainer", "train", *args,
-        ]  # fmt: skip
-    return [sys.executable, "-m", "trainer", "train", *args]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [
+        deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "--module", "trainer", "train", *args,
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["torchrun", "deepspeed", "python"])
+@pytest.mark.parametrize("kind", ["torchrun", "deepspeed"])
 def test_one_rank_raises_and_every_process_is_gone_within_60_s(
     tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, kind: str
 ) -> None:
-    failing_rank = "0" if kind == "python" else "1"
+    failing_rank = "1"
     env = child_env()
     env["PYTHONPATH"] = str(SITE) + os.pathsep + env["PYTHONPATH"]
     stamp = tmp_path / "failed_at"
@@ -94,7 +93,7 @@ def test_a_peer_that_stops_answering_is_bounded_by_the_timeout_and_named(
         "0",
     ]
     proc = subprocess.Popen(
-        torchrun_cmd(2, [*args, "--distributed.timeout_s", "10"]), cwd=REPO, env=env, stdout=subprocess.PIPE,
+        torchrun_cmd(2, [*args, "--distributed.timeout_s", "5"]), cwd=REPO, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     tree = psutil.Process(proc.pid)
@@ -105,9 +104,9 @@ def test_a_peer_that_stops_answering_is_bounded_by_the_timeout_and_named(
             child.kill()
         proc.kill()
     seconds = time.time() - float(stamp.read_text())
-    print(f"frozen peer: every process gone {seconds:.1f} s after it stopped answering (timeout 10 s)")
+    print(f"frozen peer: every process gone {seconds:.1f} s after it stopped answering (timeout 5 s)")
     assert proc.returncode != 0
-    assert seconds < 10 + 60, seconds
+    assert seconds < 5 + 60, seconds
     assert "[rank 0] train: error" in stderr, stderr[-4000:]
     assert "[rank 0] after optimizer step " in stderr, stderr[-4000:]
-    assert "Timed out waiting 10000ms" in stderr  # the collective (gloo) says what it waited for
+    assert "Timed out waiting 5000ms" in stderr  # the collective (gloo) says what it waited for
