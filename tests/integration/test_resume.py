@@ -29,8 +29,11 @@ TOTAL_STEPS = 12
 REL = 1e-5
 
 
-def run_args(model: Path, shards: Path, out: Path, deepspeed: str, lora: bool, ranks: int) -> list[str]:
-    """A 12-step schedule (warmup 3, cosine to 0.1) with saves every 4 steps and evaluations at 6 and 12.
+def run_args(
+    model: Path, shards: Path, out: Path, deepspeed: str, lora: bool, ranks: int, total: int = TOTAL_STEPS
+) -> list[str]:
+    """A ``total``-step schedule (warmup 3, cosine to 0.1) with saves every 4 steps and evaluations in
+    the middle and at the end.
 
     The global batch is 4 rows of one micro-batch each, whatever the world size (grad accumulation
     absorbs it), so the noise of every micro-batch is the same at 1 and 2 ranks."""
@@ -39,8 +42,8 @@ def run_args(model: Path, shards: Path, out: Path, deepspeed: str, lora: bool, r
     args[args.index("--gradient_accumulation_steps") + 1] = str(4 // ranks)
     return [
         *args, "--warmup_steps", "3", "--schedule.min_lr_ratio", "0.1", "--learning_rate", "1e-2",
-        "--deepspeed", deepspeed, "--lora", str(lora), "--save_steps", "4", "--eval.every", "6",
-        "--eval.at_end", "true", "--max_steps", str(TOTAL_STEPS),
+        "--deepspeed", deepspeed, "--lora", str(lora), "--save_steps", "4", "--eval.every", str(total // 2),
+        "--eval.at_end", "true", "--max_steps", str(total),
     ]  # fmt: skip
 
 
@@ -64,15 +67,15 @@ def records(out: Path) -> tuple[dict[int, dict[str, Any]], dict[int, float]]:
     return train, nelbo
 
 
-def assert_equal_runs(resumed: Path, reference: Path, from_step: int) -> None:
+def assert_equal_runs(resumed: Path, reference: Path, from_step: int, total: int = TOTAL_STEPS) -> None:
     """Loss and learning rate of every step after ``from_step`` and every NELBO equal the reference."""
     train, nelbo = records(resumed)
     ref_train, ref_nelbo = records(reference)
-    assert sorted(train) == list(range(1, TOTAL_STEPS + 1))
-    for step in range(from_step + 1, TOTAL_STEPS + 1):
+    assert sorted(train) == list(range(1, total + 1))
+    for step in range(from_step + 1, total + 1):
         for key in ("loss", "lr"):
             assert train[step][key] == pytest.approx(ref_train[step][key], rel=REL), (step, key)
-    assert sorted(ref_nelbo) == [6, TOTAL_STEPS] and sorted(nelbo) == sorted(ref_nelbo)
+    assert sorted(ref_nelbo) == [total // 2, total] and sorted(nelbo) == sorted(ref_nelbo)
     for step, value in ref_nelbo.items():
         assert nelbo[step] == pytest.approx(value, rel=REL), step
     # The schedule really warms up and decays (a restarted scheduler would not match above).
@@ -80,10 +83,10 @@ def assert_equal_runs(resumed: Path, reference: Path, from_step: int) -> None:
     assert lrs[0] < lrs[1] < lrs[2] == max(lrs) and lrs[-1] < lrs[len(lrs) // 2] < max(lrs)
 
 
-def check_two_rank_run(out: Path, stdout: str) -> None:
+def check_two_rank_run(out: Path, stdout: str, total: int = TOTAL_STEPS) -> None:
     """What an uninterrupted 2-rank run logs and commits, and that it learns."""
     train, nelbo = records(out)
-    last = train[TOTAL_STEPS]
+    last = train[total]
     for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "samples_per_s", "mfu",
                 "data_wait_fraction", "peak_memory_gib", "mean_t", "skipped_steps", "skipped_samples"):  # fmt: skip
         assert key in last, key
@@ -98,9 +101,9 @@ def check_two_rank_run(out: Path, stdout: str) -> None:
     assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 4
     assert "train: done" in stdout
     # The final checkpoint holds the trainable weights gathered for export.
-    state = read_state(checkpoint_root(out) / f"step-{TOTAL_STEPS:08d}")
+    state = read_state(checkpoint_root(out) / f"step-{total:08d}")
     assert state is not None and state["world_size"] == 2 and state["data"]["step"] >= 0
-    assert (checkpoint_root(out) / f"step-{TOTAL_STEPS:08d}" / WEIGHTS_FILE).is_file()
+    assert (checkpoint_root(out) / f"step-{total:08d}" / WEIGHTS_FILE).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -211,19 +214,20 @@ def test_resume_at_another_world_size_equals_uninterrupted(
     tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, run_cmd: RunCmd,
     deepspeed: str, lora: bool, ranks_before: int, ranks_after: int, extra: list[str],
 ) -> None:  # fmt: skip
+    total = 8  # 4 steps, then 4 more at the other world size
     reference, out = tmp_path / "reference", tmp_path / "resumed"
-    args = [*run_args(tiny_model_dir, mixed_shards, reference, deepspeed, lora, ranks_before), *extra]
+    args = [*run_args(tiny_model_dir, mixed_shards, reference, deepspeed, lora, ranks_before, total), *extra]
     proc = run_cmd(launch(ranks_before, args))
     if ranks_before == 2:
-        check_two_rank_run(reference, proc.stdout)
+        check_two_rank_run(reference, proc.stdout, total)
         _, nelbo = records(reference)
-        assert nelbo[TOTAL_STEPS] < nelbo[6]  # the whole language model learns fast
-    first = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_before), *extra]
+        assert nelbo[total] < nelbo[total // 2]  # the whole language model learns fast
+    first = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_before, total), *extra]
     run_cmd(launch(ranks_before, [*first, "--schedule.exit_after_steps", "4"]))
-    after = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_after), *extra]
+    after = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_after, total), *extra]
     run_cmd(launch(ranks_after, [*after, "--resume", "auto"]))
-    assert_equal_runs(out, reference, from_step=4)
-    state = read_state(checkpoint_root(out) / "step-00000012")
+    assert_equal_runs(out, reference, from_step=4, total=total)
+    state = read_state(checkpoint_root(out) / f"step-{total:08d}")
     assert state is not None and state["world_size"] == ranks_after
 
 
