@@ -37,8 +37,10 @@ def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
     world_size = distributed.env_world_size()
     ds_config = build_deepspeed_config(config, world_size, cuda=cuda, bf16_supported=bf16)
     if resume_dir is not None:
-        check_resume_geometry(resume_dir, config, ds_config, world_size)
-        check_resume_config(resume_dir, config)
+        state = ckpt.read_state(resume_dir)
+        assert state is not None  # find_resume returns committed checkpoints only
+        check_resume_geometry(resume_dir, state, config, ds_config, world_size)
+        check_resume_config(resume_dir, state, config)
     elif (
         ckpt.list_checkpoints(ckpt.checkpoint_root(config.output_dir))
         and not config.checkpoint.overwrite_output_dir
@@ -77,10 +79,9 @@ def check_shard_sets(config: TrainConfig) -> None:
             )
 
 
-def check_resume_config(resume_dir: Path, config: TrainConfig) -> None:
+def check_resume_config(resume_dir: Path, state: dict[str, Any], config: TrainConfig) -> None:
     """Refuse a resume whose config changes what the run computes, unless allowed (then logged)."""
-    state = ckpt.read_state(resume_dir)
-    changes = resume_changes((state or {}).get("config") or {}, config)
+    changes = resume_changes(state.get("config") or {}, config)
     if not changes:
         return
     if not config.checkpoint.allow_config_change:
@@ -93,11 +94,9 @@ def check_resume_config(resume_dir: Path, config: TrainConfig) -> None:
 
 
 def check_resume_geometry(
-    resume_dir: Path, config: TrainConfig, ds_config: dict[str, Any], world_size: int
+    resume_dir: Path, state: dict[str, Any], config: TrainConfig, ds_config: dict[str, Any], world_size: int
 ) -> None:
     """Refuse a resume whose batch or ZeRO stage changed; route another world size to the universal load."""
-    state = ckpt.read_state(resume_dir)
-    assert state is not None  # find_resume returns committed checkpoints only
     saved_batch = state.get("global_batch_size")
     new_batch = global_batch_size(config, world_size)
     if saved_batch is not None and int(saved_batch) != new_batch:

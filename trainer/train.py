@@ -573,14 +573,20 @@ def run(config: TrainConfig) -> TrainResult:
     Works in a plain process (world size 1) and under deepspeed / torchrun (one call per rank).
     Raises ``ConfigError`` / ``ResumeError`` on user errors before any process group starts.
     """
-    resume_dir, ds_config = prepare(config)
+    return run_prepared(config, *prepare(config))
+
+
+def run_prepared(config: TrainConfig, resume_dir: Path | None, ds_config: dict[str, Any]) -> TrainResult:
+    """:func:`run` after :func:`trainer.preflight.prepare` (which the CLI calls itself, for --dry-run)."""
     lock = ckpt.RunLock(config.output_dir)
     if distributed.env_rank() == 0:
         lock.acquire()  # before any process group: a second run on this output_dir ends here
-    info = distributed.setup(config.distributed.timeout_s)
-    # An error leaves at once, entering no collective (no teardown barrier): the peers are in
-    # their own next collective, and the launcher ends them when this process exits non-zero.
-    result = Trainer(config, ds_config, resume_dir, info).train()
-    distributed.teardown()
-    lock.release()
+    try:
+        info = distributed.setup(config.distributed.timeout_s)
+        # An error leaves at once, entering no collective (no teardown barrier): the peers are in
+        # their own next collective, and the launcher ends them when this process exits non-zero.
+        result = Trainer(config, ds_config, resume_dir, info).train()
+        distributed.teardown()
+    finally:
+        lock.release()  # a local file: safe on the error path, and a Python caller may run again
     return result

@@ -19,7 +19,7 @@ from trainer import distributed
 from trainer.config import ConfigError, load_config
 from trainer.dry_run import dry_run_report
 from trainer.preflight import prepare
-from trainer.train import TrainingError, run
+from trainer.train import TrainingError, run_prepared
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, bool, list[str]]:
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
     try:
-        result = run(config)
+        result = run_prepared(config, resume_dir, ds_config)
     except ckpt.RunLockError as err:  # before any process group
         print(f"train: error: {err}", file=sys.stderr)
         return 2

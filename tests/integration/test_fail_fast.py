@@ -20,6 +20,25 @@ from launch_helpers import REPO, child_env, common_args, free_port, torchrun_cmd
 SITE = Path(__file__).with_name("fail_site")
 
 
+def run_to_the_end(
+    command: list[str], env: dict[str, str], timeout: float
+) -> tuple[subprocess.Popen[str], str]:
+    """Run a launch in its own session until it ends by itself (killing its whole tree if it does not
+    within ``timeout``); returns the process and its stderr."""
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    tree = psutil.Process(proc.pid)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        for child in tree.children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        proc.kill()
+    return proc, stderr
+
+
 def launcher(kind: str, args: list[str]) -> list[str]:
     if kind == "torchrun":
         return torchrun_cmd(2, args)
@@ -47,17 +66,7 @@ def test_one_rank_raises_and_every_process_is_gone_within_60_s(
         "--save_steps",
         "0",
     ]
-    proc = subprocess.Popen(
-        launcher(kind, args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    tree = psutil.Process(proc.pid)
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        for child in tree.children(recursive=True) if proc.poll() is None else []:
-            child.kill()
-        proc.kill()
+    proc, stderr = run_to_the_end(launcher(kind, args), env, timeout=120)
     ended = time.time()
     assert proc.returncode != 0
     seconds = ended - float(stamp.read_text())
@@ -92,17 +101,7 @@ def test_a_peer_that_stops_answering_is_bounded_by_the_timeout_and_named(
         "--save_steps",
         "0",
     ]
-    proc = subprocess.Popen(
-        torchrun_cmd(2, [*args, "--distributed.timeout_s", "5"]), cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    tree = psutil.Process(proc.pid)
-    try:
-        _, stderr = proc.communicate(timeout=150)
-    finally:
-        for child in tree.children(recursive=True) if proc.poll() is None else []:
-            child.kill()
-        proc.kill()
+    proc, stderr = run_to_the_end(torchrun_cmd(2, [*args, "--distributed.timeout_s", "5"]), env, timeout=150)
     seconds = time.time() - float(stamp.read_text())
     print(f"frozen peer: every process gone {seconds:.1f} s after it stopped answering (timeout 5 s)")
     assert proc.returncode != 0
