@@ -15,7 +15,9 @@
 set -euo pipefail
 
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# Read every host name (no `| head`: under pipefail, scontrol killed by SIGPIPE would end the job).
+mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR="${HOSTS[0]}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 PYTHON="${PYTHON:-python}"
 RESUME=()

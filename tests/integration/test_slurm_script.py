@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_requeued_job_resumes_and_ranks_get_the_grace_time(tmp_path: Path, restarts: str) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node-01\necho node-02\n")
+    # A long host list: a script that reads only the first line (`| head -n 1` under pipefail) would
+    # kill scontrol with SIGPIPE and end the job with status 141 (seen in CI with two hosts, by chance).
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nfor i in $(seq -w 1 20000); do echo node-$i; done\n")
     # srun runs the task command through bash -c: print what each task would exec, and its grace time.
     (bin_dir / "srun").write_text('#!/bin/sh\necho "grace=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\necho "$@"\n')
     for tool in ("scontrol", "srun"):
@@ -31,5 +33,5 @@ def test_requeued_job_resumes_and_ranks_get_the_grace_time(tmp_path: Path, resta
     ).stdout  # fmt: skip
     assert "grace=280" in out
     assert "-m trainer train --config configs/qwen3vl-2b-ko-doc.yaml" in out
-    assert "--rdzv_endpoint=node-01:29500" in out
+    assert "--rdzv_endpoint=node-00001:29500" in out
     assert ("--resume auto" in out) == (restarts == "1")
