@@ -1,10 +1,9 @@
 """`python -m data_tools build`: source rows -> samples (in a process pool) -> atomic shards + index.
 
 Order and output are deterministic: rows are processed in input order (`_ordered_map` keeps it), shard
-boundaries depend only on the samples, so any `--workers` gives byte-identical shards. Resume:
-after each finished shard a small record (`DIR/.build/shard-NNNNNN.json`: its index entry, the
-input position it ends at and its rejects) is written atomically; a re-run with the same settings
-keeps those shards and continues after them. `index.json` is written last and `.build/` removed.
+boundaries depend only on the samples, so any `--workers` gives byte-identical shards. An
+interrupted build resumes after its last finished shard (`data_tools.output_dir`); `index.json` is
+written last and `.build/` removed.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -30,6 +29,15 @@ from data_tools import images as images_mod
 from data_tools import shards
 from data_tools.errors import BuildError
 from data_tools.fileio import atomic_write_text
+from data_tools.output_dir import (
+    STATE_DIR,
+    claim_directory,
+    discard_unfinished,
+    load_finished,
+    prepare_output,
+    state_path,
+    what_changed,
+)
 from data_tools.report import SplitResult, result_from_index, summary_table
 from data_tools.samples import SampleError, load_tokenizer, tokenize_conversation, tokenizer_info
 from data_tools.settings import (
@@ -39,9 +47,15 @@ from data_tools.settings import (
     settings_from_args,
     with_model_pixels,
 )
-from data_tools.sources import Conversation, Source, load_image_bytes, normalise_row, open_source
+from data_tools.sources import (
+    Conversation,
+    Source,
+    load_image_bytes,
+    normalise_row,
+    open_source,
+    row_source_id,
+)
 
-STATE_DIR = ".build"
 REJECT_CHECK_AFTER = 200  # rows seen before the reject fraction may abort a build early
 
 
@@ -64,7 +78,7 @@ def encode_conversation(
     """Images -> Qwen grid, conversation -> tokens; raises `SampleError`/`ImageError` to reject."""
     processed = []
     for ref in conv.images:
-        data = load_image_bytes(ref)
+        data = load_image_bytes(ref, settings.max_image_bytes)
         processed.append(
             images_mod.process_image(
                 data,
@@ -73,6 +87,7 @@ def encode_conversation(
                 image_format=settings.image_format,
                 quality=settings.image_quality,
                 max_image_pixels=settings.max_image_pixels,
+                first_frame=settings.first_frame,
             )
         )
     tokens = tokenize_conversation(
@@ -104,16 +119,28 @@ def encode_conversation(
 def _process(task: tuple[int, str, Any]) -> tuple[int, shards.EncodedSample | None, dict[str, Any] | None]:
     """Worker entry: `(position, key, row)` -> `(position, sample, None)` or `(position, None, reject)`."""
     position, key, row = task
-    source_id = key
+    source_id = row_source_id(row, key)
     try:
-        conv = normalise_row(row, _WORKER["row_format"], _WORKER["base_dir"], fallback_id=key)
+        settings: BuildSettings = _WORKER["settings"]
+        conv = normalise_row(
+            row,
+            _WORKER["row_format"],
+            _WORKER["base_dir"],
+            fallback_id=key,
+            allow_outside_root=settings.allow_outside_root,
+        )
         source_id = conv.source_id
-        sample = encode_conversation(conv, key, _WORKER["tokenizer"], _WORKER["settings"])
+        sample = encode_conversation(conv, key, _WORKER["tokenizer"], settings)
         return position, sample, None
     except (SampleError, images_mod.ImageError) as e:
         return position, None, {"key": key, "source_id": source_id, "reason": e.reason, "detail": str(e)}
-    except Exception as e:  # never let one odd row kill a long build; it is counted and listed
-        return position, None, {"key": key, "source_id": source_id, "reason": "error", "detail": repr(e)}
+    except Exception as e:  # a bug, not a bad row: still never let it kill a long build; listed for a report
+        detail = f"{e!r} (an unexpected error: please report it with this row)"
+        return (
+            position,
+            None,
+            {"key": key, "source_id": source_id, "reason": "internal_error", "detail": detail},
+        )
 
 
 # ------------------------------------------------------------------------------- main side
@@ -174,60 +201,6 @@ def _ordered_map(
         yield from done
 
 
-def _state_path(directory: Path, shard_id: int) -> Path:
-    return directory / STATE_DIR / f"shard-{shard_id:06d}.json"
-
-
-def _load_finished(directory: Path) -> list[dict[str, Any]]:
-    """Finished shard records of an interrupted build whose tar is intact, in order."""
-    done: list[dict[str, Any]] = []
-    while (p := _state_path(directory, len(done))).is_file():
-        try:
-            record = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            break
-        entry = record["entry"]
-        tar = directory / entry["name"]
-        if (
-            not tar.is_file()
-            or tar.stat().st_size != entry["num_bytes"]
-            or shards.file_sha256(tar) != entry["sha256"]
-        ):
-            break
-        done.append(record)
-    return done
-
-
-def _claim_directory(directory: Path, identity: dict[str, Any]) -> None:
-    """Make `directory` this build's: a fresh one records `identity`, an interrupted one must match it."""
-    state_dir = directory / STATE_DIR
-    state_dir.mkdir(exist_ok=True)
-    settings_file = state_dir / "settings.json"
-    if settings_file.is_file():
-        if json.loads(settings_file.read_text(encoding="utf-8")) != identity:
-            raise BuildError(
-                f"--output {directory}: holds an interrupted build with other settings; "
-                "re-run with the same options or delete the directory"
-            )
-    else:
-        if any(shards.SHARD_RE.match(p.name) for p in directory.iterdir()):
-            raise BuildError(
-                f"--output {directory}: holds shards from another build; choose an empty directory"
-            )
-        atomic_write_text(settings_file, json.dumps(identity, sort_keys=True))
-
-
-def _discard_unfinished(directory: Path, finished: list[dict[str, Any]]) -> None:
-    """Remove what an interrupted run wrote after its last intact shard (tars, temp files, records)."""
-    keep = {r["entry"]["name"] for r in finished}
-    for p in directory.iterdir():
-        if (shards.SHARD_RE.match(p.name) and p.name not in keep) or ".tmp-" in p.name:
-            p.unlink()
-    for p in (directory / STATE_DIR).glob("shard-*.json"):
-        if int(p.stem.split("-")[1]) >= len(finished):
-            p.unlink()
-
-
 class _ShardCutter:
     """Cuts the ordered stream of encoded rows into shards, committing a resume record after each.
 
@@ -280,7 +253,7 @@ class _ShardCutter:
         entry = shards.write_shard(self.directory / shards.SHARD_PATTERN.format(shard_id), self.open_samples)
         self.entries.append(entry)
         record = {"entry": entry, "next_index": end_index, "rejects": self.open_rejects}
-        atomic_write_text(_state_path(self.directory, shard_id), json.dumps(record))
+        atomic_write_text(state_path(self.directory, shard_id), json.dumps(record))
         self.rejects.extend(self.open_rejects)
         self.open_samples, self.open_bytes, self.open_rejects = [], 0, []
 
@@ -317,8 +290,11 @@ def _encode_and_cut(
     workers: int,
     total: int,
     progress: bool,
+    locate: Callable[[int], str],
 ) -> None:
-    """Encode every task and feed `cutter`; end the build early when too many rows are rejected."""
+    """Encode every task and feed `cutter`; end the build early when too many rows are rejected.
+
+    `locate(position)` says where a rejected row is in the source (e.g. `data.jsonl line 12`)."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -329,6 +305,8 @@ def _encode_and_cut(
             for position, sample, reject in results:
                 if bar is not None:
                     bar.update(1)
+                if reject is not None:
+                    reject["where"] = locate(position)
                 cutter.add(position, sample, reject)
                 if reject is not None and cutter.rejects_exceeded():
                     rejects = cutter.all_rejects()
@@ -368,14 +346,14 @@ def build_split(
             result.skipped = True
             return result
         raise BuildError(
-            f"--output {directory}: holds a complete shard set built with other settings; "
-            "choose another --output or delete it"
+            f"--output {directory}: holds a complete shard set, and "
+            f"{what_changed(index.get('build') or {}, build_info)}; add --force to rebuild it, or choose another --output"
         )
-    _claim_directory(
+    claim_directory(
         directory, {"build": build_info, "tokenizer": tok_info["fingerprint"], "extra": extra_index}
     )
-    finished = _load_finished(directory)
-    _discard_unfinished(directory, finished)
+    finished = load_finished(directory)
+    discard_unfinished(directory, finished)
 
     cutter = _ShardCutter(directory, settings, finished)
     tasks: Iterator[tuple[int, str, Any]] = (
@@ -383,7 +361,12 @@ def build_split(
         for i in range(cutter.num_seen, len(positions))
     )
     initargs = (model, settings, source.row_format, source.base_dir)
-    _encode_and_cut(name, cutter, tasks, initargs, workers, len(positions), progress)
+    where = getattr(rows, "where", None)
+
+    def locate(i: int) -> str:
+        return where(positions[i]) if where is not None else f"{input_split} row {positions[i]}"
+
+    _encode_and_cut(name, cutter, tasks, initargs, workers, len(positions), progress, locate)
     cutter.close()
     _write_rejects(directory, cutter.rejects)
     total = len(positions)
@@ -430,8 +413,12 @@ def run_build(
     extra_index: dict[str, Any] | None = None,
     progress: bool = True,
     force_split_dirs: bool = False,
+    force: bool = False,
 ) -> list[SplitResult]:
-    """Build every split of `source` under `output` (`output/<split>/` when there are several)."""
+    """Build every split of `source` under `output` (`output/<split>/` when there are several).
+
+    `force` removes the shard sets earlier builds left in `output` (complete, interrupted, or of the
+    other layout) and builds from scratch."""
     settings.validate()
     if workers < 1:
         raise BuildError(f"--workers {workers}: must be >= 1")
@@ -441,9 +428,11 @@ def run_build(
     tok_info = tokenizer_info(tokenizer, model)
     plans = plan_splits(source, settings)
     output = Path(output)
+    split_dirs = len(plans) > 1 or force_split_dirs
+    prepare_output(output, [output / name for name in plans] if split_dirs else [output], force)
     results = []
     for name, (input_split, rows, positions) in plans.items():
-        directory = output / name if (len(plans) > 1 or force_split_dirs) else output
+        directory = output / name if split_dirs else output
         results.append(
             build_split(
                 name,
@@ -478,7 +467,17 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--split", default=None, help="comma-separated input splits (default: all)")
     parser.add_argument(
-        "--image-root", default=None, help="folder for relative image paths (default: the file's)"
+        "--image-root",
+        default=None,
+        help="folder that relative image paths start from and that every image must lie in, after "
+        "following symlinks (default: the JSON/JSONL file's folder, or the dataset folder; a relative "
+        "--image-root is taken from the current directory)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="remove the shard sets earlier builds left in --output (complete, interrupted or of the "
+        "other layout) and build from scratch",
     )
     defaults = BuildSettings()
     parser.add_argument(
@@ -498,7 +497,13 @@ def main(argv: list[str]) -> int:
     source = open_source(args.source, args.format, splits, args.image_root)
     print(source.describe() + ("" if args.format else " [format detected]"), file=sys.stderr)
     results = run_build(
-        source, args.output, args.model, settings, args.workers, progress=not args.no_progress
+        source,
+        args.output,
+        args.model,
+        settings,
+        args.workers,
+        progress=not args.no_progress,
+        force=args.force,
     )
     print(summary_table(results))
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -22,6 +23,9 @@ IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
 MASK_TOKEN = "<|mask|>"
 TRAIN_ON = ("last", "all")
+# Stands for the N-th text part while finding where the template puts message text (private-use
+# characters: no chat template writes them).
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
 
 class SampleError(ValueError):
@@ -96,15 +100,15 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_promp
 
 
 def answer_spans(
-    tokenizer: Any, messages: list[dict[str, Any]], train_on: str
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans `[start, end)` of the target answers.
+    tokenizer: Any, messages: list[dict[str, Any]], text: str, train_on: str
+) -> list[tuple[int, int]]:
+    """Character spans `[start, end)` of the target answers in `text`, the rendered conversation.
 
-    Each span covers the assistant's answer text and its `<|im_end|>`.
+    Each span covers the assistant's answer text and the template's `<|im_end|>` that closes it (the
+    last one the turn renders: an answer that quotes `<|im_end|>` is not cut there).
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-    text = _render(tokenizer, messages, add_generation_prompt=False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise SampleError("no_assistant_turn", "the conversation has no assistant turn")
@@ -119,11 +123,105 @@ def answer_spans(
                 "template_mismatch",
                 "the chat template does not render turns as a prefix of the whole conversation",
             )
-        end = upto.find(IM_END, len(prompt))
-        if end < 0:
+        end = upto.rfind(IM_END)
+        if end < len(prompt):
             raise SampleError("template_mismatch", f"assistant turn {i} does not end with {IM_END}")
         spans.append((len(prompt), end + len(IM_END)))
-    return text, spans
+    return spans
+
+
+def control_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The special (control) token strings of `tokenizer`: `<|im_end|>`, `<|image_pad|>`, `<|mask|>`, ..."""
+    cached = getattr(tokenizer, "_data_tools_controls", None)
+    if cached is None:
+        cached = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        tokenizer._data_tools_controls = cached
+    return cached
+
+
+def _text_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], text: str, add_generation_prompt: bool
+) -> list[tuple[int, int]]:
+    """Character spans of the messages' text parts in `text` (the rendered conversation).
+
+    Each text part is rendered as a numbered placeholder that no template writes; the spans come
+    from putting the texts back, which must give `text` again (a template that rewrites message
+    text cannot keep dataset text apart from its own control tokens)."""
+    texts: list[str] = []
+    marked = []
+    for m in messages:
+        parts = []
+        for part in m["content"]:
+            if part.get("type") == "text":
+                parts.append({"type": "text", "text": f"\ue000{len(texts)}\ue001"})
+                texts.append(part["text"])
+            else:
+                parts.append(part)
+        marked.append({**m, "content": parts})
+    rendered = _render(tokenizer, marked, add_generation_prompt)
+    pieces = _PLACEHOLDER.split(rendered)
+    spans: list[tuple[int, int]] = []
+    rebuilt: list[str] = []
+    pos = 0
+    for j, piece in enumerate(pieces):
+        if j % 2:
+            piece = texts[int(piece)]
+            spans.append((pos, pos + len(piece)))
+        rebuilt.append(piece)
+        pos += len(piece)
+    if "".join(rebuilt) != text:
+        raise SampleError("template_mismatch", "the chat template rewrites message text")
+    return spans
+
+
+def encode_text(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False
+) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """`messages` rendered by the chat template, and its token ids and character offsets.
+
+    Text from the dataset is always text: a control-token string typed inside a message (a user who
+    writes `<|im_end|>` or `<|image_pad|>`) is encoded as the ordinary characters it is, so the chat
+    structure, the image slots and the answer mask come from the template alone. Only conversations
+    that hold such a string are re-encoded; the others keep the tokenizer's plain encoding.
+    """
+    text = _render(tokenizer, messages, add_generation_prompt)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+    controls = control_strings(tokenizer)
+    if not any(
+        c in part["text"]
+        for m in messages
+        for part in m["content"]
+        if part.get("type") == "text"
+        for c in controls
+    ):
+        return text, ids, offsets
+    for start, end in reversed(_text_spans(tokenizer, messages, text, add_generation_prompt)):
+        if not any(c in text[start:end] for c in controls):
+            continue
+        # Re-encode the tokens that overlap this text (from a token boundary, so the pieces join
+        # exactly), with control strings read as characters.
+        first = next(i for i, (a, b) in enumerate(offsets) if b > start)
+        last = max(i for i, (a, b) in enumerate(offsets) if a < end)
+        lo, hi = offsets[first][0], offsets[last][1]
+        sub = tokenizer(
+            text[lo:hi], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+        )
+        ids[first : last + 1] = sub["input_ids"]
+        offsets[first : last + 1] = [(a + lo, b + lo) for a, b in sub["offset_mapping"]]
+    return text, ids, offsets
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, Any]], image_num_tokens: list[int]) -> list[int]:
+    """Token ids of `messages` plus the assistant header, image pads expanded, encoded as the build
+    encodes training samples (`encode_text`): what generation feeds the model is what it trained on."""
+    _, ids, _ = encode_text(tokenizer, messages, add_generation_prompt=True)
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    if ids.count(pad_id) != len(image_num_tokens):
+        raise ValueError(f"the prompt has {ids.count(pad_id)} image slots for {len(image_num_tokens)} images")
+    sizes = iter(image_num_tokens)
+    return [t for tok in ids for t in ([tok] * next(sizes) if tok == pad_id else [tok])]
 
 
 def tokenize_conversation(
@@ -142,11 +240,9 @@ def tokenize_conversation(
     that size with the answer, `<|im_end|>`, then `<|endoftext|>`, rather than reading the answer's
     length off the end of the sequence.
     """
-    text, spans = answer_spans(tokenizer, messages, train_on)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    text, ids, offsets = encode_text(tokenizer, messages)
+    spans = answer_spans(tokenizer, messages, text, train_on)
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    ids: list[int] = enc["input_ids"]
-    offsets: list[tuple[int, int]] = enc["offset_mapping"]
     num_pads = sum(1 for t in ids if t == pad_id)
     if num_pads != len(image_num_tokens):
         raise SampleError(

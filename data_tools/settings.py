@@ -31,6 +31,12 @@ class BuildSettings:
     """Most pixels of a resized image (Qwen3-VL: 16,777,216 = 16,384 tokens)."""
     max_image_pixels: int = images_mod.DEFAULT_MAX_IMAGE_PIXELS
     """Source images above this many pixels (read from the header) are rejected, never decoded."""
+    max_image_bytes: int = 64 * 1024 * 1024
+    """Image files larger than this are rejected (`image_file_too_large`) before any byte is read."""
+    first_frame: bool = False
+    """Keep the first frame of an animated or multi-page image instead of rejecting it (`multi_frame`)."""
+    allow_outside_root: bool = False
+    """Accept image paths that resolve outside the image root (rejected as `outside_image_root` by default)."""
     max_tokens: int | None = 8192
     """Samples longer than this are rejected (`too_many_tokens`); None = no limit."""
     samples_per_shard: int = 1000
@@ -67,12 +73,39 @@ class BuildSettings:
             raise BuildError(
                 f"--min-pixels {self.min_pixels} / --max-pixels {self.max_pixels}: need 0 < min <= max"
             )
+        if self.max_image_pixels < 1 or self.max_image_bytes < 1:
+            raise BuildError("--max-image-pixels and --max-image-bytes must be >= 1")
         if self.samples_per_shard < 1 or self.max_shard_bytes < 1024:
             raise BuildError("--samples-per-shard must be >= 1 and --max-shard-bytes >= 1024")
         if not 0.0 <= self.test_fraction < 1.0:
             raise BuildError(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise BuildError(f"--max-reject-fraction {self.max_reject_fraction}: must be in [0, 1]")
+
+
+SOURCE_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
+
+
+def source_identity(source: Source, input_split: str) -> dict[str, Any]:
+    """What a build read: the source's data files (name, size, modification time) and its row count,
+    or the dataset's own fingerprint for a hub dataset. A resumed build must find them unchanged."""
+    rows = source.splits[input_split]
+    identity: dict[str, Any] = {"rows": len(rows)}
+    path = Path(source.spec)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
+    else:
+        files = []
+        if getattr(rows, "_fingerprint", None):
+            identity["fingerprint"] = rows._fingerprint
+    if files:
+        root = path if path.is_dir() else path.parent
+        identity["files"] = [
+            [str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+        ]
+    return identity
 
 
 def build_info_for(source: Source, settings: BuildSettings, input_split: str, name: str) -> dict[str, Any]:
@@ -86,6 +119,7 @@ def build_info_for(source: Source, settings: BuildSettings, input_split: str, na
         row_format=source.row_format,
         input_split=input_split,
         split=name,
+        source_identity=source_identity(source, input_split),
     )
     return info
 
@@ -118,25 +152,7 @@ def add_build_options(
     parser.add_argument(
         "--model", required=True, help="model folder (or hub id) whose tokenizer and template to use"
     )
-    source = "the model's preprocessor, else " if pixels_from_model else ""
-    parser.add_argument(
-        "--min-pixels",
-        type=int,
-        default=None,
-        help=f"fewest pixels of a resized image (default: {source}{defaults.min_pixels})",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help=f"most pixels of a resized image (default: {source}{defaults.max_pixels})",
-    )
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=defaults.max_image_pixels,
-        help="reject source images above this many pixels (checked before decoding; default: %(default)s)",
-    )
+    _add_image_options(parser, defaults, pixels_from_model)
     parser.add_argument(
         "--max-tokens",
         type=int,
@@ -156,18 +172,6 @@ def add_build_options(
         help="... or before it passes this many bytes (default: %(default)s)",
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
-    parser.add_argument(
-        "--image-format",
-        choices=sorted(images_mod.IMAGE_FORMATS),
-        default=defaults.image_format,
-        help="stored image format (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--image-quality",
-        type=int,
-        default=defaults.image_quality,
-        help="JPEG/WebP quality (default: %(default)s)",
-    )
     parser.add_argument(
         "--train-on",
         choices=TRAIN_ON,
@@ -190,6 +194,59 @@ def add_build_options(
         help="fail when more of the rows than this are rejected (default: %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_image_options(
+    parser: argparse.ArgumentParser, defaults: BuildSettings, pixels_from_model: bool
+) -> None:
+    """The options of `add_build_options` about images: grid size, caps, formats, the image root."""
+    source = "the model's preprocessor, else " if pixels_from_model else ""
+    parser.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help=f"fewest pixels of a resized image (default: {source}{defaults.min_pixels})",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help=f"most pixels of a resized image (default: {source}{defaults.max_pixels})",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        help="reject source images above this many pixels (checked before decoding; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=defaults.max_image_bytes,
+        help="reject image files larger than this (checked before reading; default: %(default)s = 64 MiB)",
+    )
+    parser.add_argument(
+        "--first-frame",
+        action="store_true",
+        help="keep the first frame of animated or multi-page images (default: reject them as multi_frame)",
+    )
+    parser.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept image paths outside the image root (default: reject them as outside_image_root)",
+    )
+    parser.add_argument(
+        "--image-format",
+        choices=sorted(images_mod.IMAGE_FORMATS),
+        default=defaults.image_format,
+        help="stored image format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-quality",
+        type=int,
+        default=defaults.image_quality,
+        help="JPEG/WebP quality (default: %(default)s)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, defaults: BuildSettings) -> BuildSettings:

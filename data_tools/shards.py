@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from data_tools.fileio import atomic_write_text, fsync_dir, temporary_path
+from data_tools.images import decode_stored_image
 
 INDEX_FORMAT = "qwen3vl-mdlm-shards"
 INDEX_VERSION = 1
@@ -147,7 +148,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def decode_sample_bytes(raw: bytes) -> dict[str, Any]:
-    """Parse the tar bytes of one sample into `{"json": dict, "images": [PIL.Image]}`."""
+    """Parse the tar bytes of one sample into `{"json": dict, "images": [PIL.Image]}`.
+
+    An image in a format off `ALLOWED_FORMATS` raises `DisallowedImageFormat`.
+    """
     members: dict[str, bytes] = {}
     key = None
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
@@ -169,9 +173,8 @@ def decode_sample_bytes(raw: bytes) -> dict[str, Any]:
     for name in sample_json.get("images", []):
         if name not in members:
             raise ValueError(f"sample {key!r} lacks image member {name!r}")
-        image = Image.open(io.BytesIO(members[name]))
-        image.load()
-        images.append(image)
+        # Same format allowlist as the build: a shard edited by hand must not reach other decoders.
+        images.append(decode_stored_image(members[name]))
     return {"json": sample_json, "images": images}
 
 

@@ -324,18 +324,25 @@ def build_prompt(processor: Any, question: str, images: Sequence[Any] = ()) -> P
     """A chat-formatted user turn (images first, then the question) + the assistant header.
 
     `processor` is a Qwen3-VL processor (`trainer.assets.load_processor`); images are PIL images,
-    resized to the Qwen grid by its image processor.
+    resized to the Qwen grid by its image processor. The text is encoded as the build encodes
+    training samples (`data_tools.samples.encode_prompt`): a control-token string typed in the
+    question is text, not structure.
     """
+    from data_tools.samples import encode_prompt
+
     content: list[dict[str, str]] = [{"type": "image"} for _ in images]
     content.append({"type": "text", "text": question})
-    messages = [{"role": "user", "content": content}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    encoded = processor(text=[text], images=list(images) or None, return_tensors="pt")
-    grid = encoded.get("image_grid_thw")
+    grid = None
+    pixel_values = None
+    if images:
+        encoded = processor.image_processor(images=list(images), return_tensors="pt")
+        pixel_values, grid = encoded["pixel_values"], encoded["image_grid_thw"].long()
+    merge = int(processor.image_processor.merge_size)
+    num_tokens = [int(g.prod()) // merge**2 for g in grid] if grid is not None else []
     return Prompt(
-        input_ids=encoded["input_ids"][0].tolist(),
-        pixel_values=encoded.get("pixel_values"),
-        image_grid_thw=grid.long() if grid is not None else None,
+        input_ids=encode_prompt(processor.tokenizer, [{"role": "user", "content": content}], num_tokens),
+        pixel_values=pixel_values,
+        image_grid_thw=grid,
     )
 
 
@@ -508,15 +515,15 @@ def _requests(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def _open_image(path: str) -> Any:
-    from PIL import Image
+    """Decode `--image` like the shard build does: format allowlist, pixel cap, modes by their range."""
+    from data_tools.images import ImageError, open_image_safely
 
     if not Path(path).is_file():
         raise ValueError(f"--image {path!r} does not exist")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"--image {path!r} is not a readable image ({err})") from err
+        return open_image_safely(Path(path).read_bytes())
+    except ImageError as err:
+        raise ValueError(f"--image {path!r} is not a readable image ({err.reason}: {err})") from err
 
 
 def main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from data_tools.images import DisallowedImageFormat
 from data_tools.shards import read_sample
 from trainer.data.plan import SampleRef
 from trainer.positions import mrope_position_ids
@@ -130,11 +131,14 @@ class SampleReader:
         self._last_log: dict[str, float] = {}
 
     def read(self, ref: SampleRef, key: str) -> LoadedSample | None:
-        """The sample at `ref`, or None (counted and logged) when it is corrupt, disagrees with the index
-        or holds token ids outside the tokenizer's vocabulary."""
+        """The sample at `ref`, or None (counted and logged) when it is corrupt, holds an image in a
+        format off the allowlist, disagrees with the index or holds token ids outside the vocabulary."""
         self.num_read += 1
         try:
             raw = read_sample(ref.shard_path, ref.offset, ref.num_bytes)
+        except DisallowedImageFormat as e:  # a known format the build never writes (EPS, PPM, ...)
+            self._skip("image_format", key, ref, str(e))
+            return None
         except Exception as e:  # any decode failure of untrusted bytes: tar, JSON, UTF-8, image codecs
             self._skip("corrupt", key, ref, f"{type(e).__name__}: {e}")
             return None

@@ -242,7 +242,7 @@ def test_every_rejection_reason(
         json.dumps(row(["ok.png"], user="<image><image>q")),  # image_count_mismatch (more markers)
         json.dumps(row(["ok.png", "ok.png"])),  # image_count_mismatch (more images)
         json.dumps(row(["ok.png"], answer="word " * 300)),  # too_many_tokens (--max-tokens 200)
-        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),  # bad_record
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),  # unknown_role
         json.dumps(row(["ok.png"], answer="   ")),  # empty_answer
     ]
     data = ("\n".join(lines) + "\n").encode() + b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n'
@@ -264,7 +264,7 @@ def test_every_rejection_reason(
         "image_count_mismatch",
         "image_count_mismatch",
         "too_many_tokens",
-        "bad_record",
+        "unknown_role",
         "empty_answer",
         "non_utf8",
     ]
@@ -309,3 +309,69 @@ def test_build_settings_validate_and_cli_defaults(tmp_path: Path, tiny_model_dir
     run_build(source, tmp_path / "api", str(tiny_model_dir), settings, progress=False)
     for name in ("index.json", "shard-000000.tar"):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes(), name
+
+
+def _text_rows(path: Path, n: int) -> None:
+    rows = [
+        {
+            "id": f"t{i}",
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_changed_source_is_refused_and_force_rebuilds(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, out = tmp_path / "d.jsonl", tmp_path / "o"
+    _text_rows(src, 6)
+    # Interrupt a build after its first shard, then change the source (one row more): no resume.
+    real_write_shard = shards.write_shard
+    written: list[Path] = []
+
+    def write_one_shard(path: Path, samples: Any) -> Any:
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real_write_shard(path, samples)
+
+    monkeypatch.setattr(shards, "write_shard", write_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2")
+    monkeypatch.setattr(shards, "write_shard", real_write_shard)
+    _text_rows(src, 7)
+    assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2") == 1
+    err = capsys.readouterr().err
+    assert "holds an interrupted build, and its source changed since" in err and "--force" in err
+    assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2", "--force") == 0
+    assert shards.read_index(out)["num_samples"] == 7
+    # A complete set whose source changed is not taken as done either.
+    _text_rows(src, 5)
+    assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2") == 1
+    assert "holds a complete shard set, and its source changed since" in capsys.readouterr().err
+    assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2", "--force") == 0
+    assert shards.read_index(out)["num_samples"] == 5 and not (out / "shard-000003.tar").exists()
+
+
+def test_other_layout_in_output_is_refused_or_replaced(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "d.jsonl", tmp_path / "o"
+    _text_rows(src, 8)
+    split = ["--test-fraction", "0.5", "--seed", "1"]
+    assert _build(str(src), out, tiny_model_dir) == 0  # flat: o/index.json
+    assert _build(str(src), out, tiny_model_dir, *split) == 1  # now o/train/ and o/test/
+    assert "holds another shard set" in capsys.readouterr().err and not (out / "train").exists()
+    assert _build(str(src), out, tiny_model_dir, *split, "--force") == 0
+    assert not (out / "index.json").exists() and not (out / "shard-000000.tar").exists()
+    assert (
+        shards.read_index(out / "train")["num_samples"] + shards.read_index(out / "test")["num_samples"] == 8
+    )
+    (out / "notes.txt").write_text("mine")  # --force removes only what builds write
+    assert _build(str(src), out, tiny_model_dir) == 1  # and back to flat
+    assert "holds another shard set" in capsys.readouterr().err
+    assert _build(str(src), out, tiny_model_dir, "--force") == 0
+    assert not (out / "train" / "index.json").exists() and not (out / "test" / "shard-000000.tar").exists()
+    assert shards.read_index(out)["num_samples"] == 8 and (out / "notes.txt").read_text() == "mine"

@@ -346,3 +346,19 @@ def test_token_ids_outside_the_vocabulary_are_a_skip_reason(
     assert entry["key"] not in keys
     assert loader.num_skipped == Counter({"token_out_of_range": 1})
     assert loader.num_skipped_where == Counter({"token_out_of_range shard-000002.tar": 1})
+
+
+def test_image_in_a_format_off_the_allowlist_is_a_skip_reason(
+    shard_dir: Path, processor: Any, tmp_path: Path
+) -> None:
+    edited = tmp_path / "edited"
+    shutil.copytree(shard_dir, edited)
+    entry = read_index(edited)["shards"][0]["samples"][1]
+    with open(edited / "shard-000000.tar", "r+b") as f:
+        f.seek(entry["offset"])
+        png_at = f.read(entry["num_bytes"]).index(b"\x89PNG")
+        f.seek(entry["offset"] + png_at)
+        f.write(b"P6")  # a PPM signature: a format Pillow knows, refused like at build time
+    loader = _loader(edited, processor, world_size=1, packing=False, num_workers=0)
+    keys = [k for item in loader for k in item.keys]
+    assert entry["key"] not in keys and loader.num_skipped == Counter({"image_format": 1})
