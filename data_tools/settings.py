@@ -19,6 +19,8 @@ from data_tools.errors import BuildError
 from data_tools.sources import Source
 
 TRAIN_ON = ("last", "all")
+METRIC_NAMES = ("exact_match", "anls", "relaxed_accuracy")
+"""The answer scorers of `trainer.metrics` (named here: data_tools never imports trainer)."""
 
 
 @dataclass
@@ -60,6 +62,9 @@ class BuildSettings:
     """Hold out this fraction of a single input split as `test` (by a seeded hash of the row position)."""
     max_reject_fraction: float = 0.5
     """The build fails when more than this fraction of rows is rejected."""
+    metric: str = ""
+    """How answers of this set are scored (`exact_match`, `anls`, `relaxed_accuracy`), recorded for
+    `evaluate --metric auto`; "" = not said (exact match)."""
 
     def validate(self) -> None:
         """Raise `BuildError` with a one-line message on impossible values."""
@@ -79,6 +84,8 @@ class BuildSettings:
             raise BuildError("--samples-per-shard must be >= 1 and --max-shard-bytes >= 1024")
         if not 0.0 <= self.test_fraction < 1.0:
             raise BuildError(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
+        if self.metric not in ("", *METRIC_NAMES):
+            raise BuildError(f"--metric {self.metric}: use one of {', '.join(METRIC_NAMES)}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise BuildError(f"--max-reject-fraction {self.max_reject_fraction}: must be in [0, 1]")
 
@@ -192,6 +199,13 @@ def add_build_options(
         type=float,
         default=defaults.max_reject_fraction,
         help="fail when more of the rows than this are rejected (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=METRIC_NAMES,
+        default=defaults.metric or None,
+        help="how answers of this set are scored, recorded for `evaluate --metric auto` "
+        "(anls for document QA, relaxed_accuracy for charts; default: exact_match)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

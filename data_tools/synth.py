@@ -270,6 +270,7 @@ def synth_build_settings(seed: int = 0) -> BuildSettings:
         samples_per_shard=500,
         pad_answer_to=SYNTH_ANSWER_CANVAS,
         seed=seed,
+        metric="exact_match",
     )
 
 
