@@ -95,7 +95,7 @@ def encode_conversation(
         conv.messages,
         [p.num_tokens for p in processed],
         settings.train_on,
-        pad_answer_to=settings.pad_answer_to,
+        padding=settings.padding_for(key),
     )
     if settings.max_tokens is not None and len(tokens.input_ids) > settings.max_tokens:
         raise SampleError(

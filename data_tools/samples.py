@@ -23,6 +23,18 @@ IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
 MASK_TOKEN = "<|mask|>"
 TRAIN_ON = ("last", "all")
+ENDOFTEXT = "<|endoftext|>"
+# Special tokens no Qwen3-VL chat uses (code fill-in-the-middle), as the rainbow's pad tokens.
+RAINBOW_PADS = (
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+PADDING_MODES = ("random", "fixed", "none")
+PAD_TOKENS = ("rainbow", "eos")
 # Stands for the N-th text part while finding where the template puts message text (private-use
 # characters: no chat template writes them).
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
@@ -34,6 +46,45 @@ class SampleError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class AnswerPadding:
+    """Pad targets after the last answer and its `<|im_end|>` (LLaDA's SFT recipe, docs/DESIGN.md §10).
+
+    With bidirectional attention a training sequence that ends right after its answer tells the
+    model where the answer ends; at generation the model sees a canvas of masks of another length.
+    Pads teach it to end the answer anywhere inside a larger canvas and fill the rest with pads.
+    - `mode` `fixed`: every answer padded to `length` targets (an answer as long keeps its ending);
+      `random`: to a length drawn per sample between the answer's and `length`, the extra count
+      log-uniform (`floor((room + 2) ** draw) - 1`, `draw` in [0, 1) from the sample's key), so
+      short and long canvases are both seen at a few pads per sample on average; `none`: no pads.
+    - `tokens` `eos`: `<|endoftext|>` repeated; `rainbow`: one `<|endoftext|>`, then a cycle of
+      distinct unused special tokens (`RAINBOW_PADS`), so no single pad token becomes the answer
+      to every uncertain position of a long canvas (Rainbow Padding).
+    """
+
+    mode: str = "none"
+    length: int = 0
+    tokens: str = "rainbow"
+    draw: float = 0.0
+
+    def target_length(self, answer_length: int) -> int:
+        """The number of targets the answer (with its `<|im_end|>`) is padded to."""
+        room = self.length - answer_length
+        if self.mode == "none" or room <= 0:
+            return answer_length
+        if self.mode == "fixed":
+            return self.length
+        return answer_length + int((room + 2) ** self.draw) - 1
+
+    def pad_ids(self, tokenizer: Any, count: int) -> list[int]:
+        """`count` pad ids: `<|endoftext|>`, then (rainbow) the cycle of `RAINBOW_PADS`."""
+        eos_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+        if self.tokens == "eos":
+            return [eos_id] * count
+        cycle = [tokenizer.convert_tokens_to_ids(t) for t in RAINBOW_PADS]
+        return [eos_id, *(cycle[i % len(cycle)] for i in range(count - 1))][:count]
 
 
 @dataclass
@@ -229,16 +280,13 @@ def tokenize_conversation(
     messages: list[dict[str, Any]],
     image_num_tokens: list[int],
     train_on: str = "last",
-    pad_answer_to: int = 0,
+    padding: AnswerPadding | None = None,
 ) -> Tokenized:
     """Token ids (image pads expanded to `image_num_tokens[i]` each) and the answer mask.
 
     `messages` are normalised (`content` = list of `{"type": "image"}` / `{"type": "text"}` parts).
-    `pad_answer_to` > 0 pads the last answer (with its `<|im_end|>`) to that many target tokens with
-    `<|endoftext|>`, in place of the template's closing newline (LLaDA's SFT recipe): a model trained
-    on ends that always lie the same distance after the prompt learns to fill a generation canvas of
-    that size with the answer, `<|im_end|>`, then `<|endoftext|>`, rather than reading the answer's
-    length off the end of the sequence.
+    `padding` pads the last answer (with its `<|im_end|>`) with pad targets in place of the template's
+    closing newline (see `AnswerPadding`).
     """
     text, ids, offsets = encode_text(tokenizer, messages)
     spans = answer_spans(tokenizer, messages, text, train_on)
@@ -268,13 +316,13 @@ def tokenize_conversation(
             answer_mask.append(target)
     if not any(answer_mask):
         raise SampleError("empty_answer", "the assistant answer has no tokens")
-    if pad_answer_to > 0:
-        input_ids, answer_mask = _pad_last_answer(tokenizer, input_ids, answer_mask, pad_answer_to)
+    if padding is not None and padding.mode != "none":
+        input_ids, answer_mask = _pad_last_answer(tokenizer, input_ids, answer_mask, padding)
     return Tokenized(input_ids=input_ids, answer_mask=answer_mask)
 
 
 def _pad_last_answer(
-    tokenizer: Any, input_ids: list[int], answer_mask: list[int], pad_answer_to: int
+    tokenizer: Any, input_ids: list[int], answer_mask: list[int], padding: AnswerPadding
 ) -> tuple[list[int], list[int]]:
     last = max(i for i, m in enumerate(answer_mask) if m)
     first = last
@@ -283,8 +331,7 @@ def _pad_last_answer(
     tail = input_ids[last + 1 :]
     if tokenizer.decode(tail).strip():
         return input_ids, answer_mask  # the conversation goes on after this answer: nothing to pad
-    num_pads = max(pad_answer_to - (last + 1 - first), 0)
-    if num_pads == 0:
+    pad_ids = padding.pad_ids(tokenizer, padding.target_length(last + 1 - first) - (last + 1 - first))
+    if not pad_ids:
         return input_ids, answer_mask  # an answer this long keeps its template ending
-    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return input_ids[: last + 1] + [eos_id] * num_pads, answer_mask[: last + 1] + [1] * num_pads
+    return input_ids[: last + 1] + pad_ids, answer_mask[: last + 1] + [1] * len(pad_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from data_tools import images as images_mod
 from data_tools.errors import BuildError
+from data_tools.samples import PAD_TOKENS, PADDING_MODES, AnswerPadding
 from data_tools.sources import Source
 
 TRAIN_ON = ("last", "all")
@@ -51,9 +53,15 @@ class BuildSettings:
     """JPEG / WebP quality."""
     train_on: str = "last"
     """Answer mask on the `last` assistant turn or on `all` assistant turns."""
-    pad_answer_to: int = 0
-    """Pad the last answer to this many target tokens with `<|endoftext|>` (0 = off; LLaDA's SFT
-    recipe: the model learns to end a fixed-size generation canvas; see samples.tokenize_conversation)."""
+    answer_padding: str = "random"
+    """Pad targets after the last answer: `random` (to a length drawn per sample up to
+    `pad_answer_to`), `fixed` (to exactly `pad_answer_to`) or `none` (samples.AnswerPadding)."""
+    pad_answer_to: int = 64
+    """The padded answer length (`fixed`) or the largest one drawn (`random`); 0 = no padding.
+    Generation canvases up to this length are the ones training covers."""
+    pad_tokens: str = "rainbow"
+    """Pad tokens: `rainbow` (`<|endoftext|>`, then a cycle of distinct unused special tokens) or
+    `eos` (`<|endoftext|>` repeated)."""
     seed: int = 0
     """Seeds the held-out split (`test_fraction`)."""
     limit: int | None = None
@@ -66,6 +74,14 @@ class BuildSettings:
     """How answers of this set are scored (`exact_match`, `anls`, `relaxed_accuracy`), recorded for
     `evaluate --metric auto`; "" = not said (exact match)."""
 
+    def padding_for(self, key: str) -> AnswerPadding:
+        """The answer padding of the sample `key` (its random draw is a hash of the seed and the key,
+        so any `--workers` gives the same shards)."""
+        mode = "none" if self.pad_answer_to == 0 else self.answer_padding
+        digest = hashlib.sha256(f"pad:{self.seed}:{key}".encode()).digest()
+        draw = int.from_bytes(digest[:8], "big") / 2**64
+        return AnswerPadding(mode=mode, length=self.pad_answer_to, tokens=self.pad_tokens, draw=draw)
+
     def validate(self) -> None:
         """Raise `BuildError` with a one-line message on impossible values."""
         if self.image_format not in images_mod.IMAGE_FORMATS:
@@ -74,6 +90,10 @@ class BuildSettings:
             raise BuildError(f"--train-on {self.train_on}: use last or all")
         if self.pad_answer_to < 0:
             raise BuildError(f"--pad-answer-to {self.pad_answer_to}: must be >= 0 (0 = no padding)")
+        if self.answer_padding not in PADDING_MODES:
+            raise BuildError(f"--answer-padding {self.answer_padding}: use one of {', '.join(PADDING_MODES)}")
+        if self.pad_tokens not in PAD_TOKENS:
+            raise BuildError(f"--pad-tokens {self.pad_tokens}: use one of {', '.join(PAD_TOKENS)}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise BuildError(
                 f"--min-pixels {self.min_pixels} / --max-pixels {self.max_pixels}: need 0 < min <= max"
@@ -186,10 +206,25 @@ def add_build_options(
         help="answer mask on the last assistant turn or all of them (default: %(default)s)",
     )
     parser.add_argument(
+        "--answer-padding",
+        choices=PADDING_MODES,
+        default=defaults.answer_padding,
+        help="pad targets after the last answer: random (a length drawn per sample up to --pad-answer-to), "
+        "fixed (exactly --pad-answer-to) or none (default: %(default)s; docs/DESIGN.md §10)",
+    )
+    parser.add_argument(
         "--pad-answer-to",
         type=int,
         default=defaults.pad_answer_to,
-        help="pad the last answer to N target tokens with <|endoftext|> (LLaDA SFT; 0 = off; default: %(default)s)",
+        help="padded answer length (fixed) or the largest drawn (random); the longest generation canvas "
+        "training covers; 0 = no padding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pad-tokens",
+        choices=PAD_TOKENS,
+        default=defaults.pad_tokens,
+        help="rainbow: <|endoftext|> then a cycle of distinct unused special tokens; eos: <|endoftext|> "
+        "repeated (default: %(default)s)",
     )
     parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="seeds the --test-fraction hold-out (and synth)"

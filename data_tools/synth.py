@@ -30,7 +30,7 @@ import argparse
 import io
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,6 @@ from data_tools.sources import Source
 SYNTH_MIN_PIXELS = 64 * 64
 SYNTH_MAX_PIXELS = 128 * 128
 IMAGE_SIZE = 64
-SYNTH_ANSWER_CANVAS = 8
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -268,7 +267,6 @@ def synth_build_settings(seed: int = 0) -> BuildSettings:
         max_pixels=SYNTH_MAX_PIXELS,
         image_format="png",
         samples_per_shard=500,
-        pad_answer_to=SYNTH_ANSWER_CANVAS,
         seed=seed,
         metric="exact_match",
     )
@@ -333,14 +331,14 @@ def synthesize(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    answer_padding: str | None = None,
 ) -> list[SplitResult]:
-    """`run_synth` with the demo's build settings, from plain values (the demo pipeline's entry)."""
-    settings = SynthSettings(
-        num=num,
-        num_test=num_test,
-        tasks=tuple(tasks or DEFAULT_TASKS),
-        build=synth_build_settings(seed),
-    )
+    """`run_synth` with the demo's build settings, from plain values (the demo pipeline's entry);
+    `answer_padding` replaces the build's (`random`, `fixed`, `none`)."""
+    build = synth_build_settings(seed)
+    if answer_padding is not None:
+        build = replace(build, answer_padding=answer_padding)
+    settings = SynthSettings(num=num, num_test=num_test, tasks=tuple(tasks or DEFAULT_TASKS), build=build)
     return run_synth(output, model, settings, workers, progress)
 
 

@@ -7,7 +7,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("trainer.assets", "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer"),
-    "plan": ("trainer.data", "Print the epoch plan (packs per rank and step) computed from index.json"),
+    "plan": ("trainer.dry_run", "Print the epoch plan (packs per rank and step) of a config or shard sets"),
     "train": ("trainer.train_cli", "Train with DeepSpeed (python, deepspeed or torchrun launchers)"),
     "export": ("trainer.export", "Export a checkpoint as a PEFT adapter folder, optionally merged"),
     "generate": ("trainer.sampling", "Generate answers with MDLM sampling"),
@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     lines = ["usage: python -m trainer COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "python -m trainer COMMAND --help: the command's options (train --help: every config key)"]
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ Layout of ``OUTPUT_DIR/checkpoints/``::
     step-00000010/            one checkpoint (a DeepSpeed tag)
       <DeepSpeed engine files>  model/optimizer/scheduler shards, written by every rank
       trainable.safetensors     the trainable weights (LoRA + mask row, or the whole LM), gathered
+      mdlm_generation.json      how the model reads its input and decodes (trainer.run_settings)
       trainer_state.json        written LAST by rank 0: the commit record (step, data position,
                                 config hash, manifest of every file with its size)
       universal/                the engine state in DeepSpeed's world-size-free format, made
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from data_tools.fileio import atomic_write_text, fsync_dir
+from trainer.run_settings import write_settings
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -330,8 +332,12 @@ def save(
     keep_last: int,
     zero3: bool,
     is_main: bool,
+    generation_settings: dict[str, Any] | None = None,
 ) -> Path:
-    """Save a checkpoint from every rank; returns its directory once it is committed everywhere."""
+    """Save a checkpoint from every rank; returns its directory once it is committed everywhere.
+
+    ``generation_settings`` (rank 0's; :func:`trainer.run_settings.generation_settings`) go into the
+    checkpoint as ``mdlm_generation.json``, listed in its manifest like the weights."""
     from safetensors.torch import save_file
 
     from trainer.distributed import barrier
@@ -349,6 +355,8 @@ def save(
         tmp = root / tag / f".{WEIGHTS_FILE}.tmp"
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
         os.replace(tmp, root / tag / WEIGHTS_FILE)
+        if generation_settings is not None:
+            write_settings(root / tag, generation_settings)
     # Every rank's DeepSpeed shards must be on disk before rank 0 commits.
     barrier()
     if is_main:

@@ -15,10 +15,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +45,7 @@ DS_TEMPLATES = ("zero2", "zero3", "zero3_offload")
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = ""
+    name_or_path: str = "Qwen/Qwen3-VL-2B-Instruct"
     """Hugging Face model folder (or hub id available in the local cache) of a Qwen3-VL checkpoint."""
     attn_implementation: str = "auto"
     """Packed bidirectional attention backend: auto | flash | flex | sdpa (auto = best installed)."""
@@ -97,9 +100,9 @@ class DataConfig:
     test: str = ""
     """Held-out shard set for evaluation ("" = no evaluation)."""
     limit_train: int = 0
-    """Use only the first N training samples (0 = all)."""
+    """Use only the first N training samples (0 = all); with ``source``, build only its first N rows."""
     limit_test: int = 0
-    """Use only the first N held-out samples (0 = all)."""
+    """Use only the first N held-out samples (0 = all); with ``source``, build only M held-out rows."""
     max_tokens: int = 2048
     """Tokens per packed row (longer samples are skipped and counted)."""
     packing: bool = True
@@ -112,6 +115,17 @@ class DataConfig:
     carrying them into the next epoch's stream."""
     num_workers: int = 2
     """DataLoader worker processes per rank (reading, image decoding, collation; 0 = in the main process)."""
+    source: str = ""
+    """A raw dataset to build shards from once (hub name, save_to_disk folder, parquet/arrow files,
+    JSON/JSONL; what ``--dataset_args SOURCE[train:N,test:M]`` sets): global rank 0 builds them into
+    ``cache_dir`` (the other ranks wait), ``train``/``test`` then point there, and a later run with the
+    same source, slice, tokenizer and build settings reuses them. The held-out set is the source's
+    ``test`` (or ``validation``) split, else the rows after the training rows."""
+    source_format: str = ""
+    """Row layout of ``source``: messages | llava | kodoc ("" = detected from the first rows)."""
+    cache_dir: str = ""
+    """Where shards built from ``source`` go ("" = ``shard-cache/`` beside ``output_dir``; it must be
+    on a filesystem every node sees)."""
 
 
 @dataclass
@@ -132,19 +146,19 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: float = 1.0
+    epochs: float = 3.0
     """Training epochs (ignored when max_steps > 0)."""
     max_steps: int = 0
     """Optimizer steps to train (0 = epochs * steps per epoch)."""
-    micro_batch_size: int = 1
+    micro_batch_size: int = 4
     """Packed rows per rank per micro-batch (DeepSpeed train_micro_batch_size_per_gpu)."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 2
     """Micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)."""
     global_batch_size: int = 0
     """Rows per optimizer step over all ranks; 0 = micro_batch_size * grad_accum_steps * world size."""
     lr_scheduler: str = "cosine"
     """Learning-rate schedule after warmup: cosine | linear | constant."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.03
     """Warmup as a fraction of the total steps."""
     warmup_steps: int = 0
     """Warmup steps (overrides warmup_ratio when > 0)."""
@@ -177,12 +191,22 @@ class CheckpointConfig:
     max tokens); the differences are logged."""
 
 
+REPORT_TO_CHOICES: tuple[str, ...] = ("tensorboard", "wandb")
+"""Where metrics can go besides metrics.jsonl (``logging.report_to``; also ``all`` and ``none``)."""
+
+
 @dataclass
 class LoggingConfig:
     log_every: int = 1
-    """Write a metrics.jsonl line (and TensorBoard scalars) every N steps."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files under output_dir/tensorboard."""
+    """Write a metrics.jsonl line (and the report_to scalars) every N steps."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.jsonl: tensorboard (output_dir/tensorboard), wandb (needs
+    pip install -e '.[wandb]'; WANDB_MODE=offline works without network), a comma-separated list of
+    them, all (every installed one) or none."""
+    run_name: str = ""
+    """Run name shown by wandb ("" = the name of output_dir)."""
+    wandb_project: str = ""
+    """wandb project ("" = the WANDB_PROJECT environment variable, else wandb's default)."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
 
@@ -269,6 +293,9 @@ ALIASES: dict[str, str | None] = {
     "gradient_accumulation_steps": "schedule.grad_accum_steps",
     "learning_rate": "optim.lr",
     "weight_decay": "optim.weight_decay",
+    "adam_beta1": "optim.beta1",
+    "adam_beta2": "optim.beta2",
+    "adam_epsilon": "optim.eps",
     "max_grad_norm": "optim.max_grad_norm",
     "warmup_ratio": "schedule.warmup_ratio",
     "warmup_steps": "schedule.warmup_steps",
@@ -278,11 +305,14 @@ ALIASES: dict[str, str | None] = {
     "tf32": "deepspeed.tf32",
     "gradient_checkpointing": "model.gradient_checkpointing",
     "dataloader_num_workers": "data.num_workers",
+    "dataloader_drop_last": "data.drop_remainder",
     "attn_implementation": "model.attn_implementation",
     "max_steps": "schedule.max_steps",
     "save_steps": "checkpoint.save_every",
     "save_total_limit": "checkpoint.keep_last",
     "logging_steps": "logging.log_every",
+    "report_to": "logging.report_to",
+    "run_name": "logging.run_name",
     "eval_steps": "eval.every",
     "seed": "seed",
     "resume_from_checkpoint": "checkpoint.resume",
@@ -303,6 +333,27 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 class ConfigError(ValueError):
     """A user error in the configuration: its message is one line naming the input and the fix."""
+
+
+def resolve_report_to(names: str | list[str]) -> list[str]:
+    """``logging.report_to`` as the backends to start: ``all`` = every installed one, ``none`` = none."""
+    chosen = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names)]
+    if len(chosen) > 1 and {"all", "none"} & set(chosen):
+        raise ConfigError(f"logging.report_to {','.join(chosen)}: 'all' and 'none' stand alone")
+    if chosen == ["none"]:
+        return []
+    if chosen == ["all"]:  # as in Hugging Face's Trainer: every installed backend
+        return [n for n in REPORT_TO_CHOICES if n != "wandb" or importlib.util.find_spec("wandb")]
+    for name in chosen:
+        if name not in REPORT_TO_CHOICES:
+            raise ConfigError(
+                f"logging.report_to {name!r} is not one of {', '.join(REPORT_TO_CHOICES)}, all, none"
+            )
+    if "wandb" in chosen and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logging.report_to wandb needs the wandb package: pip install -e '.[wandb]' (or --report_to tensorboard)"
+        )
+    return list(dict.fromkeys(chosen))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,19 +379,48 @@ def _all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(key: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    if not close:
-        # Match on the last component too: "--lr" -> "optim.lr".
-        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        tail_close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.6)
-        close = [tails[tail_close[0]]] if tail_close else []
-    return f"; did you mean {close[0]!r}?" if close else ""
+@functools.cache
+def _flat_names() -> dict[str, str]:
+    """Flat names -> the key (or multi-key alias) they set: the aliases, then the last component of each
+    dotted key ("lr" -> optim.lr). One-letter names are left out: by edit distance they are close to
+    every short typo ("--lr" is not "--r")."""
+    names: dict[str, str] = {alias: target or alias for alias, target in ALIASES.items()}
+    for key in _all_keys():
+        names.setdefault(key.rsplit(".", 1)[-1], key)
+    return {name: target for name, target in names.items() if len(name) > 1}
+
+
+def _closest_target(key: str) -> str | None:
+    """The key (or multi-key alias) a mistyped name most likely meant; None when nothing is close."""
+    underscored = {dotted.replace(".", "_"): dotted for dotted in _all_keys()}
+    if key in underscored:  # "--eval_every" for eval.every
+        return underscored[key]
+    similarity = difflib.SequenceMatcher
+    scored = [(similarity(None, key.rsplit(".", 1)[-1], n).ratio(), t) for n, t in _flat_names().items()]
+    if "." in key:
+        scored += [(similarity(None, key, dotted).ratio(), dotted) for dotted in _all_keys()]
+    score, target = max(scored, key=lambda pair: pair[0])
+    return target if score >= 0.7 else None
+
+
+def _suggest(key: str, source: str) -> str:
+    """``; did you mean ...?`` or "". A dotted key gets a dotted key; a flat name gets the Hugging Face
+    alias closest to it and the key it sets (``'--learning_rate' (optim.lr)``)."""
+    target = _closest_target(key)
+    if target is None:
+        return ""
+    flag = "--" if source == "command line" else ""
+    if target in ALIASES and ALIASES[target] is None:
+        return f"; did you mean {flag + target!r}?"
+    aliases = [a for a, t in ALIASES.items() if t == target and a != target and len(a) > 1]
+    if "." in key or not aliases:
+        return f"; did you mean {target!r}?"
+    alias = max(aliases, key=lambda a: difflib.SequenceMatcher(None, key, a).ratio())
+    return f"; did you mean {flag + alias!r} ({target})?"
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:
-    candidates = _all_keys() + list(ALIASES)
-    return ConfigError(f"unknown config key {key!r} in {source}{_suggest(key, candidates)}")
+    return ConfigError(f"unknown config key {key!r} in {source}{_suggest(key, source)}")
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -414,22 +494,26 @@ _DATASET_LIMITS = re.compile(r"^(?P<path>.*?)(\[(?P<limits>[^\]]*)\])?$")
 
 
 def _expand_dataset_args(value: str, source: str) -> dict[str, Any]:
-    """``--dataset_args DIR[train:N,test:M]``: a shard set, or a directory holding train/ and test/."""
+    """``--dataset_args SOURCE[train:N,test:M]``: a shard set, a folder holding ``train/`` and ``test/``
+    shard sets, or a raw dataset (hub name, ``save_to_disk`` folder, parquet/arrow, JSON/JSONL) that the
+    run builds into shards once (``data.source``, trainer.dataset_cache); N and M take the first rows."""
     match = _DATASET_LIMITS.match(str(value).strip())
     assert match is not None
     path = match.group("path").strip()
     if not path:
         raise ConfigError(
-            f"--dataset_args in {source} is empty; give a shard directory, e.g. data/shards[train:1000]"
+            f"--dataset_args in {source} is empty; give a dataset or a shard directory, e.g. data/shards[train:1000]"
         )
     out: dict[str, Any] = {}
     root = Path(path)
-    if (root / "train").is_dir() or (root / "test").is_dir():
+    if (root / "index.json").is_file():
+        out["data.train"] = [path]
+    elif (root / "train" / "index.json").is_file():
         out["data.train"] = [str(root / "train")]
-        if (root / "test").is_dir():
+        if (root / "test" / "index.json").is_file():
             out["data.test"] = str(root / "test")
     else:
-        out["data.train"] = [path]
+        out["data.source"] = path
     for item in (match.group("limits") or "").split(","):
         if not item.strip():
             continue
@@ -536,6 +620,8 @@ def load_config(
 
 def validate(config: TrainConfig) -> None:
     """Static checks that need no file system, no torch and no process group."""
+    # The tree keeps the backends to start (`all` / `none` expanded); a missing package fails here.
+    config.logging.report_to = resolve_report_to(config.logging.report_to)
     for key, choices in _CHOICES.items():
         group, name = key.split(".")
         value = getattr(getattr(config, group), name)
@@ -597,9 +683,16 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             "model.name_or_path is not set; pass --model_name_or_path PATH or set model.name_or_path"
         )
-    if not config.data.train:
+    if config.data.source and (config.data.train or config.data.test):
         raise ConfigError(
-            "data.train is not set; pass --dataset_args DIR or set data.train to a shard directory"
+            "data.source builds the train and test shard sets itself; leave data.train and data.test unset"
+        )
+    if config.data.source_format not in ("", "messages", "llava", "kodoc"):
+        raise ConfigError(f"data.source_format {config.data.source_format!r}: use messages, llava or kodoc")
+    if not config.data.train and not config.data.source:
+        raise ConfigError(
+            "data.train is not set; pass --dataset_args DATASET_OR_SHARDS[train:N,test:M] or set data.train "
+            "to a shard directory"
         )
 
 
@@ -726,8 +819,9 @@ def _load_template(name_or_path: str) -> tuple[dict[str, Any], str]:
         ) from None
 
 
-def _fill(ds: dict[str, Any], key: str, value: Any, source: str, ours: str) -> None:
-    """Set ``ds[key]`` unless the JSON already holds a concrete value, which must then agree."""
+def _fill(ds: dict[str, Any], key: str, value: Any, source: str, ours: str, path: str = "") -> None:
+    """Set ``ds[key]`` unless the JSON already holds a concrete value, which must then agree
+    (``path``: where ``ds`` sits in the JSON, for the message)."""
     current = ds.get(key, "auto")
     if current == "auto" or current is None:
         ds[key] = value
@@ -737,23 +831,13 @@ def _fill(ds: dict[str, Any], key: str, value: Any, source: str, ours: str) -> N
         and float(current) == float(value)
     ):
         raise ConfigError(
-            f"DeepSpeed config {source} sets {key} = {current!r} but the trainer config gives {value!r} ({ours}); "
-            f'set it to "auto" or make them agree'
+            f"DeepSpeed config {source} sets {path}{key} = {current!r} but the trainer config gives {value!r} "
+            f'({ours}); set it to "auto" or make them agree'
         )
 
 
-def build_deepspeed_config(
-    config: TrainConfig, world_size: int, cuda: bool = False, bf16_supported: bool = False
-) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run: the template with batch sizes, precision and clipping filled in."""
-    ds, source = _load_template(config.deepspeed.config)
-    ds = copy.deepcopy(ds)
-    s = config.schedule
-    _fill(ds, "train_micro_batch_size_per_gpu", s.micro_batch_size, source, "schedule.micro_batch_size")
-    _fill(ds, "gradient_accumulation_steps", s.grad_accum_steps, source, "schedule.grad_accum_steps")
-    _fill(ds, "train_batch_size", global_batch_size(config, world_size), source, "schedule.global_batch_size")
-    _fill(ds, "gradient_clipping", float(config.optim.max_grad_norm), source, "optim.max_grad_norm")
-    precision = resolve_precision(config, cuda, bf16_supported)
+def _fill_precision(ds: dict[str, Any], precision: str, source: str) -> None:
+    """``bf16.enabled`` / ``fp16.enabled`` from the resolved precision."""
     for name in ("bf16", "fp16"):
         section = dict(ds.get(name) or {})
         wanted = precision == name
@@ -768,34 +852,134 @@ def build_deepspeed_config(
             # Non-finite gradients skip the step on every rank (DeepSpeed only checks bf16 when asked).
             section.setdefault("check_grad_overflow", True)
         ds[name] = section
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    for key, value in list(zero.items()):
-        if value == "auto":
+
+
+HIDDEN_SIZE_AUTO_KEYS: tuple[str, ...] = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+)
+"""The ``zero_optimization`` sizes that the Hugging Face Trainer fills from the model's hidden size."""
+
+
+def _language_hidden_size(name_or_path: str) -> int | None:
+    """``hidden_size`` of the language model in a local model folder's config.json; None if unreadable."""
+    if not name_or_path:
+        return None
+    try:
+        model_config = json.loads((Path(name_or_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    text_config = model_config.get("text_config") if isinstance(model_config, dict) else None
+    for section in (text_config, model_config):
+        hidden = section.get("hidden_size") if isinstance(section, dict) else None
+        if isinstance(hidden, int) and not isinstance(hidden, bool):
+            return hidden
+    return None
+
+
+def _fill_zero_sizes(zero: dict[str, Any], model_path: str, source: str) -> None:
+    """Fill ``"auto"`` bucket sizes as HF's ``trainer_config_finalize`` does (h = hidden size):
+    reduce bucket h^2, stage-3 prefetch bucket 0.9 h^2, stage-3 persistence threshold 10 h."""
+    for key, value in zero.items():
+        if value == "auto" and key not in HIDDEN_SIZE_AUTO_KEYS:
             raise ConfigError(
                 f'DeepSpeed config {source} has zero_optimization.{key} = "auto", which the trainer cannot fill; give a value'
             )
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    if cuda or offload:
-        # GPU: DeepSpeed's fused Adam (CPU Adam when the optimizer is offloaded).
-        opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-        params = opt.setdefault("params", {})
-        for key, value in (
-            ("lr", config.optim.lr),
-            ("betas", [config.optim.beta1, config.optim.beta2]),
-            ("eps", config.optim.eps),
-            ("weight_decay", config.optim.weight_decay),
+    autos = [key for key in HIDDEN_SIZE_AUTO_KEYS if zero.get(key) == "auto"]
+    if not autos:
+        return
+    hidden = _language_hidden_size(model_path)
+    if hidden is None:
+        for key in autos:
+            del zero[key]
+        print(
+            f'deepspeed: {source}: zero_optimization {", ".join(autos)} = "auto" left to DeepSpeed\'s defaults '
+            f"(no hidden_size readable from {model_path!r}/config.json)",
+            file=sys.stderr,
+        )
+        return
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key in autos:
+        zero[key] = sizes[key]
+
+
+def _fill_optimizer(ds: dict[str, Any], config: TrainConfig, source: str, keep: bool) -> None:
+    """``optimizer.params`` from ``optim.*``; ``keep`` False drops the section after the check (the
+    trainer then passes a torch AdamW client optimizer: DeepSpeed's CPU Adam JIT-compiles for ~50 s)."""
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}) if keep else ds.get("optimizer")
+    if optimizer is not None:
+        params = optimizer.setdefault("params", {})
+        o = config.optim
+        for key, value, ours in (
+            ("lr", o.lr, "optim.lr"),
+            ("betas", [o.beta1, o.beta2], "optim.beta1, optim.beta2"),
+            ("eps", o.eps, "optim.eps"),
+            ("weight_decay", o.weight_decay, "optim.weight_decay"),
         ):
-            if params.get(key, "auto") == "auto":
-                params[key] = value
-    else:
-        # CPU: a torch AdamW client optimizer (DeepSpeed's CPU Adam JIT-compiles for ~50 s).
+            _fill(params, key, value, source, ours, "optimizer.params.")
+    if not keep:
         ds.pop("optimizer", None)
         ds["zero_force_ds_cpu_optimizer"] = False
-    # The trainer builds the learning-rate schedule itself (warmup + cosine/linear/constant).
-    if "scheduler" in ds:
+
+
+DS_SCHEDULERS: dict[str, str] = {
+    "WarmupLR": "constant",
+    "WarmupDecayLR": "linear",
+    "WarmupCosineLR": "cosine",
+}
+"""DeepSpeed scheduler type -> the ``schedule.lr_scheduler`` that does the same after its warmup."""
+
+
+def _drop_scheduler(ds: dict[str, Any], config: TrainConfig, source: str) -> None:
+    """Remove a ``scheduler`` section once it agrees with ``schedule.*``: the trainer builds the
+    schedule itself (linear warmup, then schedule.lr_scheduler), the same for every launcher and resume."""
+    scheduler = ds.pop("scheduler", None)
+    if scheduler is None:
+        return
+    kind = DS_SCHEDULERS.get(scheduler.get("type"))
+    if kind != config.schedule.lr_scheduler:
+        fix = f"pass --lr_scheduler_type {kind}" if kind else f"use one of {', '.join(DS_SCHEDULERS)}"
         raise ConfigError(
-            f"DeepSpeed config {source} has a 'scheduler' section; remove it and use schedule.lr_scheduler / warmup_ratio"
+            f"DeepSpeed config {source} has scheduler {scheduler.get('type')!r} but schedule.lr_scheduler is "
+            f"{config.schedule.lr_scheduler}; {fix} or remove the scheduler section"
         )
+    known = {"warmup_min_lr": 0, "warmup_max_lr": config.optim.lr, "warmup_type": "linear"}
+    params = dict(scheduler.get("params") or {})
+    for key, value in params.items():
+        if key in known:
+            _fill(params, key, known[key], source, "the trainer's schedule", "scheduler.params.")
+        elif value != "auto":
+            raise ConfigError(
+                f"DeepSpeed config {source} sets scheduler.params.{key} = {value!r}; the trainer computes it from "
+                'schedule.* (warmup_ratio / warmup_steps, max_steps / epochs, min_lr_ratio): set it to "auto"'
+            )
+
+
+def build_deepspeed_config(
+    config: TrainConfig, world_size: int, cuda: bool = False, bf16_supported: bool = False
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: the template (or a JSON written for the Hugging Face Trainer or
+    LLaMA-Factory) with every ``"auto"`` filled from the config as HF's Trainer fills it; a concrete value
+    that contradicts the config is an error."""
+    ds, source = _load_template(config.deepspeed.config)
+    ds = copy.deepcopy(ds)
+    s = config.schedule
+    _fill(ds, "train_micro_batch_size_per_gpu", s.micro_batch_size, source, "schedule.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", s.grad_accum_steps, source, "schedule.grad_accum_steps")
+    _fill(ds, "train_batch_size", global_batch_size(config, world_size), source, "schedule.global_batch_size")
+    _fill(ds, "gradient_clipping", float(config.optim.max_grad_norm), source, "optim.max_grad_norm")
+    _fill_precision(ds, resolve_precision(config, cuda, bf16_supported), source)
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    _fill_zero_sizes(zero, config.model.name_or_path, source)
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    # GPU: DeepSpeed's fused Adam (CPU Adam when the optimizer is offloaded); CPU: torch AdamW.
+    _fill_optimizer(ds, config, source, keep=cuda or offload)
+    _drop_scheduler(ds, config, source)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -8,12 +8,14 @@ One command, fixed order:
 4. train with DeepSpeed ZeRO-2 on 2 CPU processes (gloo), packing on, the whole language model but
    its frozen random [151936, 128] embedding (only the <|mask|> row trains; vision frozen at random
    init; LoRA on a random base cannot scale its logits and learns this far worse), at lr 6e-4,
-   for a fixed wall-clock budget (`OUT/train`: metrics.jsonl, TensorBoard, checkpoints);
-5. export the trained weights (`OUT/adapter`: a full model folder when the whole LM was trained, a
-   PEFT adapter with LoRA), evaluate again, and run two controls on the trained model: every image
-   blank, and every question paired with another held-out sample's image;
+   for a fixed wall-clock budget (`OUT/train`: metrics.jsonl, TensorBoard, checkpoints); the ranks'
+   output goes to `OUT/train.log`, and the demo prints progress lines read from metrics.jsonl;
+5. export the trained weights (`OUT/trained-model`: a full model folder, as the whole LM was trained;
+   `OUT/adapter`: a PEFT adapter with `--lora`), evaluate again, and run two controls on the trained
+   model: every image blank, and every question paired with another held-out sample's image;
 6. write `OUT/report.json` {"chance", "before", "after", "blank_images", "shuffled_images"},
-   `OUT/metrics/*.json` (full evaluation reports), `OUT/loss.png`, and print a before/after table.
+   `OUT/metrics/*.json` (full evaluation reports), `OUT/loss.png` (curves, with chance and the two
+   controls marked), and print a before/after table.
 
 If the vision path reaches the diffusion language model, "after" is far above chance and both
 controls fall back to about chance.
@@ -53,6 +55,10 @@ TINY_SHAPE: dict[str, float] = {
 
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# A training progress line at most this often (training seconds): about 20 lines for the default run.
+PROGRESS_EVERY_S = 15.0
+# How often the demo looks at metrics.jsonl while the ranks train.
+POLL_S = 2.0
 
 
 @dataclass
@@ -80,6 +86,12 @@ class DemoConfig:
     """Dotted config overrides on top of the recipe (e.g. {"lora.enabled": True})."""
     max_new_tokens: int = 8
     """Answer canvas for the held-out generation (one word + <|im_end|>)."""
+    answer_padding: str = "random"
+    """Pad targets after each answer, as `data_tools build --answer-padding`: `random` (up to 64
+    tokens), `fixed` (always 64) or `none` (learns fastest, but then the answer depends on the canvas)."""
+    canvases: tuple[int, ...] = (8, 16, 32, 64)
+    """Canvases at which the trained model is also evaluated: an answer must not depend on the room
+    left for it (answer padding, docs/DESIGN.md §10)."""
 
     def train_config(self) -> TrainConfig:
         """The recipe with the overrides (what the ranks train with, less paths and budget)."""
@@ -118,7 +130,7 @@ def _export(checkpoint: str, out: Path, lora: bool) -> Path:
     whole language model was trained, so there is no adapter to keep apart)."""
     from trainer.export import export
 
-    return export(checkpoint, out, merge=not lora)
+    return export(checkpoint, out / ("adapter" if lora else "trained-model"), merge=not lora)
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -131,16 +143,72 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot_curves(metrics_jsonl: Path, out_png: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
-    """loss.png: training loss per step (left) and held-out NELBO / accuracy (right)."""
+def read_metrics(metrics_jsonl: Path) -> list[dict[str, Any]]:
+    """The records of a training run's metrics.jsonl."""
+    lines = metrics_jsonl.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def format_progress(record: dict[str, Any], max_steps: int, time_limit_s: float) -> str:
+    """One terminal line for a metrics.jsonl record: a training step or a held-out evaluation."""
+    step = record["step"]
+    if record.get("kind") == "eval":
+        return (
+            f"  step {step:>5}  held-out NELBO {record['nelbo']:.3f}, "
+            f"masked-token accuracy {record.get('masked_accuracy@1', float('nan')):.3f}"
+        )
+    elapsed = record["elapsed_s"]
+    # The time limit stops the default run long before max_steps: show the budget that binds.
+    where = f"{step:>5}" if time_limit_s else f"{step:>5}/{max_steps}"
+    clock = f"{elapsed:.0f}/{time_limit_s:.0f} s" if time_limit_s else f"{elapsed:.0f} s"
+    return f"  step {where}  loss {record['loss']:.3f}  {clock}"
+
+
+@dataclass
+class ProgressTail:
+    """Follows a growing metrics.jsonl: `poll()` returns progress lines for the records appended since
+    the last poll, every evaluation and a training step at most every `every_s` training seconds."""
+
+    metrics_jsonl: Path
+    max_steps: int
+    time_limit_s: float
+    every_s: float = PROGRESS_EVERY_S
+    _offset: int = field(default=0, init=False)
+    _next_print_s: float = field(default=0.0, init=False)
+
+    def poll(self) -> list[str]:
+        """Progress lines for the complete records written since the last call."""
+        lines = []
+        for record in self._new_records():
+            if record.get("kind") != "eval":
+                if record.get("loss") is None or record["elapsed_s"] < self._next_print_s:
+                    continue
+                self._next_print_s = record["elapsed_s"] + self.every_s
+            lines.append(format_progress(record, self.max_steps, self.time_limit_s))
+        return lines
+
+    def _new_records(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.metrics_jsonl, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:  # rank 0 has not written its first record yet
+            return []
+        # A line still being written is read at the next poll.
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], report: dict[str, Any], out_png: Path) -> Any:
+    """loss.png: training loss per step (left) and held-out NELBO / accuracy (right), where chance and
+    the trained model's two controls (blank, shuffled images) are horizontal lines; returns the
+    (closed) matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [
-        json.loads(line) for line in metrics_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
     train = [r for r in records if r.get("kind") != "eval" and r.get("loss") is not None]
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
@@ -157,8 +225,15 @@ def plot_curves(metrics_jsonl: Path, out_png: Path, before: dict[str, Any], afte
             if key in evals[0]:
                 ax_eval.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
     last_step = train[-1]["step"] if train else 0
-    ax_eval.scatter([0, last_step], [before["accuracy"], after["accuracy"]], color="k", zorder=3,
+    before, after = report["before"]["accuracy"], report["after"]["accuracy"]
+    ax_eval.scatter([0, last_step], [before, after], color="k", zorder=3,
                     label="generation accuracy (before / after)")  # fmt: skip
+    for level, style, color, label in (
+        (report["chance"], ":", "grey", "chance"),
+        (report["blank_images"]["accuracy"], "--", "tab:red", "trained, blank images"),
+        (report["shuffled_images"]["accuracy"], "-.", "tab:purple", "trained, shuffled images"),
+    ):
+        ax_eval.axhline(level, linestyle=style, color=color, label=f"{label} ({level:.2f})")
     ax_eval.set_xlabel("step")
     ax_eval.set_ylim(0, 1.02)
     ax_eval.legend(fontsize=8)
@@ -166,6 +241,21 @@ def plot_curves(metrics_jsonl: Path, out_png: Path, before: dict[str, Any], afte
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+    return fig
+
+
+def _prepare_environment() -> None:
+    """For this process and the ranks it starts: name DeepSpeed's accelerator where there is no GPU
+    (its auto-detection reaches the same answer but warns "Setting accelerator to CPU" in every
+    process), and leave the terminal to the demo's own progress lines (no tqdm bars from loading and
+    saving weights)."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by the ranks' transformers import
+    transformers_logging.disable_progress_bar()  # this process imported transformers already
 
 
 def _build_inputs(config: DemoConfig, out: Path) -> tuple[Path, Path]:
@@ -184,9 +274,32 @@ def _build_inputs(config: DemoConfig, out: Path) -> tuple[Path, Path]:
     shards = out / "shards"
     synthesize(
         shards, str(model_dir), config.num_train, config.num_test, tasks=config.tasks.split(","),
-        seed=config.train_config().seed, progress=False,
+        seed=config.train_config().seed, progress=False, answer_padding=config.answer_padding,
     )  # fmt: skip
     return model_dir, shards
+
+
+def _run_with_progress(command: list[str], log_path: Path, progress: ProgressTail) -> int:
+    """Run the training launch with its output (both ranks) in `log_path`, printing the progress lines
+    of its metrics.jsonl meanwhile; returns the exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (
+        open(log_path, "w", encoding="utf-8") as log,
+        subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env) as launch,
+    ):
+        try:
+            while True:
+                try:
+                    returncode = launch.wait(timeout=POLL_S)
+                except subprocess.TimeoutExpired:
+                    returncode = None
+                for line in progress.poll():
+                    _log(line)
+                if returncode is not None:
+                    return returncode
+        except BaseException:  # Ctrl-C or a bug here: torchrun passes SIGTERM on, the ranks stop
+            launch.terminate()
+            raise
 
 
 def _train(config: DemoConfig, model_dir: Path, shards: Path, out: Path) -> Path:
@@ -194,18 +307,19 @@ def _train(config: DemoConfig, model_dir: Path, shards: Path, out: Path) -> Path
     from trainer.checkpoint import checkpoint_root, latest_valid
 
     budget = f"{config.train_seconds:.0f} s" if config.train_seconds else f"{config.max_steps} steps"
-    _log(f"4/5 train: DeepSpeed ZeRO-2, {config.nproc} CPU ranks, {budget}; log: {out / 'train.log'}")
+    log_path = out / "train.log"
+    _log(f"4/5 train: DeepSpeed ZeRO-2, {config.nproc} CPU ranks, {budget}")
+    _log(f"    full output of the ranks: {log_path}; progress every {PROGRESS_EVERY_S:.0f} s of training:")
     train_dir = out / "train"
     command = train_command(config, model_dir, shards, train_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(out / "train.log", "w", encoding="utf-8") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    if done.returncode != 0:
-        tail = (out / "train.log").read_text(encoding="utf-8")[-3000:]
-        raise RuntimeError(f"training failed (exit {done.returncode}); see {out / 'train.log'}:\n{tail}")
+    progress = ProgressTail(train_dir / "metrics.jsonl", config.max_steps, config.train_seconds)
+    returncode = _run_with_progress(command, log_path, progress)
+    if returncode != 0:
+        tail = log_path.read_text(encoding="utf-8")[-3000:]
+        raise RuntimeError(f"training failed (exit {returncode}); see {log_path}:\n{tail}")
     checkpoint = latest_valid(checkpoint_root(train_dir))
     if checkpoint is None:
-        raise RuntimeError(f"training wrote no checkpoint under {train_dir}; see {out / 'train.log'}")
+        raise RuntimeError(f"training wrote no checkpoint under {train_dir}; see {log_path}")
     return checkpoint
 
 
@@ -218,6 +332,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from trainer.sampling import load_model
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    _prepare_environment()
     recipe = config.train_config()
     out = Path(config.output)
     if out.exists():
@@ -229,10 +344,12 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     timings["setup_s"] = time.perf_counter() - started
 
     processor = load_processor(model_dir)
-    canvas = config.max_new_tokens
-    generation = GenerationConfig(max_new_tokens=canvas, steps=canvas, block_size=canvas)
 
-    def evaluate(model: Any, image_mode: str, name: str) -> dict[str, Any]:
+    def evaluate(
+        model: Any, image_mode: str, name: str, canvas: int = config.max_new_tokens
+    ) -> dict[str, Any]:
+        # One block of `canvas` masks, one token per step: the answer must find its own end.
+        generation = GenerationConfig(max_new_tokens=canvas, steps=canvas, block_size=canvas)
         report = evaluate_shards(
             model, shards / "test", processor, generation=generation, metric="exact_match",
             image_mode=image_mode, max_tokens=recipe.data.max_tokens, seed=recipe.seed,
@@ -251,37 +368,47 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     _log("5/5 export, evaluate the trained model and the controls")
     t0 = time.perf_counter()
-    adapter = _export(str(checkpoint), out / "adapter", recipe.lora.enabled)
+    exported = _export(str(checkpoint), out, recipe.lora.enabled)
     if recipe.lora.enabled:
-        trained = load_model(str(model_dir), adapter=str(adapter), device="cpu")
+        trained = load_model(str(model_dir), adapter=str(exported), device="cpu")
     else:
-        trained = load_model(str(adapter), device="cpu")
+        trained = load_model(str(exported), device="cpu")
     results = {"before": before}
     for mode, name in (("normal", "after"), ("blank", "blank_images"), ("shuffled", "shuffled_images")):
         results[name] = evaluate(trained, mode, name)
+    canvas_accuracy = {
+        str(c): (
+            results["after"] if c == config.max_new_tokens else evaluate(trained, "normal", f"canvas_{c}", c)
+        )["accuracy"]
+        for c in config.canvases
+    }
     timings["eval_after_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
-    metrics_jsonl = out / "train" / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics_jsonl.read_text(encoding="utf-8").splitlines() if x.strip()]
+    records = read_metrics(out / "train" / "metrics.jsonl")
     steps = max((r.get("step", 0) for r in records), default=0)
-    plot_curves(metrics_jsonl, out / "loss.png", before, results["after"])
     report = {
         "chance": before["chance"],
         **{name: _summary(result) for name, result in results.items()},
+        "after_by_canvas": canvas_accuracy,
         "chance_per_task": {task: row["chance"] for task, row in before["per_task"].items()},
         "num_test": before["num_samples"],
         "train_steps": steps,
         "checkpoint": str(checkpoint),
-        "adapter": str(adapter),
+        "exported": str(exported),
         "timings": timings,
         "config": {**config.__dict__, "overrides": {k: str(v) for k, v in config.overrides.items()}},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    plot_curves(records, report, out / "loss.png")
     print(format_table(results))
     print(
+        "held-out accuracy by canvas: " + ", ".join(f"{c} tokens {a:.3f}" for c, a in canvas_accuracy.items())
+    )
+    print(
         f"\nchance {report['chance']:.3f}; trained {steps} steps in {timings['train_s']:.0f} s; "
-        f"total {timings['total_s']:.0f} s; report: {out / 'report.json'}, curves: {out / 'loss.png'}"
+        f"total {timings['total_s']:.0f} s; report: {out / 'report.json'}, curves: {out / 'loss.png'}; "
+        f"trained weights: {exported}"
     )
     return report
 

@@ -1,16 +1,21 @@
-"""``train --dry-run``: the resolved config, the plan and a per-device memory estimate, no weights loaded."""
+"""``train --dry-run`` (the resolved config, the plan and a per-device memory estimate, no weights
+loaded) and the ``plan`` command (the epoch plan of a training config, or of ``--shards`` sets)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.config import TrainConfig, dump_yaml, global_batch_size, zero_stage
+from trainer.config import TrainConfig, dump_yaml, global_batch_size, load_config, zero_stage
+from trainer.dataset_cache import ensure_source_shards
 
 if TYPE_CHECKING:
-    from trainer.data import PlanSpec
+    from trainer.data import Catalog, EpochPlan, PlanSpec
 
 
 def plan_spec(config: TrainConfig, world_size: int) -> PlanSpec:
@@ -29,28 +34,81 @@ def plan_spec(config: TrainConfig, world_size: int) -> PlanSpec:
     )
 
 
-def dry_run_report(config: TrainConfig, ds_config: dict[str, Any], world_size: int) -> str:
-    """Resolved config, world size, steps per epoch and a per-device memory estimate (no weights loaded)."""
+def config_plan(config: TrainConfig, world_size: int, epoch: int = 0) -> tuple[Catalog, EpochPlan]:
+    """The catalog of ``data.train`` and the plan of one epoch, as every rank's loader computes it."""
     from trainer.data import Planner, load_catalog, parse_shard_specs
 
-    lines = [dump_yaml(config).rstrip(), ""]
     dirs, _ = parse_shard_specs(config.data.train)
     catalog = load_catalog(dirs, config.data.limit_train)
+    return catalog, Planner(catalog, plan_spec(config, world_size)).plan(epoch)
+
+
+def plan_lines(config: TrainConfig, catalog: Catalog, plan: EpochPlan, world_size: int) -> list[str]:
+    """World size, global batch, samples and steps of a run's plan, one fact per line."""
     s = config.schedule
-    spec = plan_spec(config, world_size)
-    plan = Planner(catalog, spec).plan(0)
     total = s.max_steps or max(1, math.ceil(s.epochs * plan.num_steps))
-    lines += [
+    return [
         f"world size: {world_size}",
         f"global batch: {global_batch_size(config, world_size)} rows of <= {config.data.max_tokens} tokens "
         f"({s.micro_batch_size} per micro-batch x {s.grad_accum_steps} accumulation x {world_size} ranks)",
         f"samples: {len(catalog)} ({plan.num_too_long} longer than max_tokens), packing efficiency "
         f"{plan.packing_efficiency:.3f}",
         f"steps per epoch: {plan.num_steps}; total steps: {total}",
-        f"zero stage: {zero_stage(ds_config)}; precision: {'bf16' if ds_config['bf16']['enabled'] else 'fp16' if ds_config['fp16']['enabled'] else 'fp32'}",
     ]
+
+
+def dry_run_report(config: TrainConfig, ds_config: dict[str, Any], world_size: int) -> str:
+    """Resolved config, world size, steps per epoch and a per-device memory estimate (no weights loaded)."""
+    catalog, plan = config_plan(config, world_size)
+    lines = [dump_yaml(config).rstrip(), "", *plan_lines(config, catalog, plan, world_size)]
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    lines.append(f"zero stage: {zero_stage(ds_config)}; precision: {precision}")
     lines.append(memory_estimate(config, ds_config, world_size))
     return "\n".join(lines)
+
+
+PLAN_USAGE = """usage: python -m trainer plan [--config FILE.yaml] [--KEY VALUE ...] [--world-size N] [--epoch E] [--json]
+       python -m trainer plan --shards DIR[:WEIGHT] ... --max-tokens N [...]  (plan --shards --help: its options)
+
+The epoch plan (packs per rank and global step) from index.json alone. The first form plans the run a
+training config describes: --config and overrides exactly as `python -m trainer train` takes them
+(python -m trainer train --help lists every key); --json prints every step's packs."""
+
+
+def main(argv: list[str]) -> int:
+    """``python -m trainer plan``: the plan of a training config, or of ``--shards`` sets."""
+    if any(arg == "--shards" or arg.startswith("--shards=") for arg in argv):
+        from trainer.data import main as shards_plan_main
+
+        return shards_plan_main(argv)
+    if not argv or any(arg in ("-h", "--help") for arg in argv):
+        print(PLAN_USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    parser = argparse.ArgumentParser(prog="python -m trainer plan", add_help=False, allow_abbrev=False)
+    parser.add_argument("--config")
+    parser.add_argument("--world-size", "--world_size", type=int, default=1)
+    parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.world_size < 1 or args.epoch < 0:
+            raise ValueError("--world-size must be >= 1 and --epoch >= 0")
+        config = load_config(args.config, overrides)
+        ensure_source_shards(config)
+        catalog, plan = config_plan(config, args.world_size, args.epoch)
+        lines = plan_lines(config, catalog, plan, args.world_size)
+    except ValueError as err:  # ConfigError included
+        print(f"plan: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        from trainer.data.plan import plan_summary
+
+        print(json.dumps(plan_summary(plan, catalog, args.world_size)))
+    else:
+        tail = "dropped" if plan.drop_remainder else "carried out"
+        head = f"epoch {plan.epoch}: {plan.num_carried_in} packs carried in, {len(plan.remainder)} {tail}"
+        print("\n".join([head, *lines]))
+    return 0
 
 
 def memory_estimate(config: TrainConfig, ds_config: dict[str, Any], world_size: int) -> str:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from trainer.config import DEFAULT_ACCURACY_T, DEFAULT_T_GRID
-from trainer.metrics import METRICS, exact_match, metric_for_dataset, score
+from trainer.metrics import METRICS, exact_match, score
 from trainer.nelbo import nelbo_eval
+from trainer.run_settings import set_image_size
 from trainer.sampling import (
     GenerationConfig,
     Prompt,
@@ -28,7 +29,7 @@ from trainer.sampling import (
     decode_generations,
     generate,
     generation_config_from_args,
-    load_model,
+    resolve_run_flags,
 )
 from trainer.tokens import SpecialTokens
 
@@ -238,14 +239,25 @@ def generation_eval(
     }
 
 
-def choose_metric(metric: str, index: dict[str, Any], shard_dir: str | Path) -> str:
-    """`auto` -> the dataset's customary metric (from index.json build.source and the path)."""
+def choose_metric(metric: str, index: dict[str, Any]) -> str:
+    """`auto` -> the metric the shard set's own build recorded (`data_tools build --metric`; a
+    synthetic set is scored by exact match), else exact match with a note. Never guessed from a path."""
     if metric != "auto":
         if metric not in METRICS:
             raise ValueError(f"--metric {metric!r}: use auto or one of {', '.join(METRICS)}")
         return metric
-    source = str(index.get("build", {}).get("source", ""))
-    return metric_for_dataset(f"{source} {Path(shard_dir).resolve()}")
+    recorded = index.get("build", {}).get("metric") or ("exact_match" if "synth" in index else "")
+    if recorded and recorded not in METRICS:
+        raise ValueError(
+            f"index.json records metric {recorded!r}, not one of {', '.join(METRICS)}: pass --metric"
+        )
+    if not recorded:
+        print(
+            "evaluate: note: the shard set records no metric, so exact match scores it; record one with "
+            "`python -m data_tools build --metric anls|relaxed_accuracy|exact_match`, or pass --metric",
+            file=sys.stderr,
+        )
+    return recorded or "exact_match"
 
 
 def evaluate_shards(
@@ -273,11 +285,13 @@ def evaluate_shards(
     tokens = SpecialTokens.from_tokenizer(model.tokenizer, model.config)
     samples, index = load_eval_samples(shard_dir, processor, limit=limit, eos_token_id=tokens.eos)
     swapper = ImageSwapper(image_mode, processor.image_processor, seed)
-    chosen = choose_metric(metric, index, shard_dir)
+    chosen = choose_metric(metric, index)
     report = generation_eval(
         model, swapper.swap_samples(samples), generation, metric=chosen, batch_size=batch_size, shift=shift
     )
-    report.update({"data": str(shard_dir), "image_mode": image_mode, "generation": asdict(generation)})
+    report.update(
+        {"data": str(shard_dir), "image_mode": image_mode, "generation": asdict(generation), "shift": shift}
+    )
     report["nelbo"] = None
     if with_nelbo:
         from trainer.data import EvalLoader
@@ -320,9 +334,23 @@ def format_table(reports: dict[str, dict[str, Any]]) -> str:
     for name, r in reports.items():
         for task, row in r.get("per_task", {}).items():
             lines.append(
-                f"  {name}/{task:<20} {row['accuracy']:.3f} (chance {row['chance']:.3f}, n={row['num_samples']})"
+                f"  {name}/{task:<20} {row['accuracy']:.3f} (chance {cell(row['chance'])}, n={row['num_samples']})"
             )
     return "\n".join(lines)
+
+
+def note_image_size(shard_dir: Path, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Say so when the held-out images were sized otherwise than the model's input (shard images are
+    used as stored: the model then sees another resolution than it trained on)."""
+    from data_tools.shards import read_index
+
+    build = read_index(shard_dir).get("build", {})
+    for name, wanted in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if wanted is not None and build.get(name) not in (None, wanted):
+            print(
+                f"evaluate: note: {shard_dir} was built with {name} {build[name]}, the model reads {wanted}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -335,7 +363,11 @@ def main(argv: list[str]) -> int:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="held-out shard set (a DIR with test/ uses DIR/test)")
     parser.add_argument("--limit", type=int, default=0, help="first N samples (0 = all)")
-    parser.add_argument("--metric", default="auto", help="auto | exact_match | anls | relaxed_accuracy")
+    parser.add_argument(
+        "--metric",
+        default="auto",
+        help="auto (as the shard set records) | exact_match | anls | relaxed_accuracy",
+    )
     parser.add_argument(
         "--image-mode", choices=IMAGE_MODES, default="normal", help="controls: blank, shuffled"
     )
@@ -343,7 +375,6 @@ def main(argv: list[str]) -> int:
     add_generation_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed NELBO row")
-    parser.add_argument("--shift", action="store_true", help="the model was trained with diffusion.shift")
     parser.add_argument("--seed", type=int, default=0, help="mask / shuffle seed")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -355,16 +386,21 @@ def main(argv: list[str]) -> int:
             data = data / "test"
         if not (data / "index.json").is_file():
             raise ValueError(f"--data {args.data!r} has no index.json: pass a shard set built by data_tools")
-        generation = generation_config_from_args(args)
         from trainer.assets import load_processor
+        from trainer.export import load_run
 
-        model = load_model(
+        model, settings, source = load_run(
             args.model, adapter=args.adapter, checkpoint=args.checkpoint, dtype=args.dtype, device=args.device
         )
+        resolve_run_flags(args, settings, source)
+        generation = generation_config_from_args(args)
+        processor = load_processor(args.model)
+        set_image_size(processor, args.min_pixels, args.max_pixels)
+        note_image_size(data, args.min_pixels, args.max_pixels)
         report = evaluate_shards(
             model,
             data,
-            load_processor(args.model),
+            processor,
             generation=generation,
             metric=args.metric,
             limit=args.limit,

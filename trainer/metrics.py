@@ -2,7 +2,9 @@
 
 Each metric scores one prediction against one or more reference answers and returns a float in
 [0, 1]; with several references the best one counts (as the DocVQA and ChartQA scorers do).
-`score(name, prediction, answers)` picks a metric by name; `METRICS` lists the names.
+ANLS follows the official DocVQA / InfographicVQA scorer and relaxed accuracy pix2struct's
+`relaxed_correctness` (google-research/pix2struct, pix2struct/metrics.py), so scores compare with
+published numbers. `score(name, prediction, answers)` picks a metric by name; `METRICS` lists the names.
 """
 
 from __future__ import annotations
@@ -49,49 +51,50 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: str | Sequence[str], threshold: float = 0.5) -> float:
-    """Average Normalized Levenshtein Similarity for one question (DocVQA, Biten et al. 2019).
+    """Average Normalized Levenshtein Similarity for one question, as the official DocVQA scorer.
 
-    Both strings are lower-cased with whitespace collapsed; the similarity to a reference is
-    1 - dist / max(len); a normalised distance of `threshold` or more scores 0 (the DocVQA
-    scorer's `< 0.5` test). The best reference counts.
+    Both strings are lower-cased, stripped and their whitespace collapsed before the edit distance;
+    the distance is divided by the longer of the two strings *as given* (the scorer measures
+    `len(s.upper())` of the raw strings). The similarity 1 - NL of the closest reference counts,
+    and a similarity below `threshold` scores 0 (so NL = 0.5 still scores 0.5).
     """
     pred = " ".join(prediction.strip().lower().split())
-    best = 0.0
+    distances = []
     for answer in _as_list(answers):
         gold = " ".join(answer.strip().lower().split())
-        longest = max(len(pred), len(gold))
-        distance = levenshtein(pred, gold) / longest if longest else 0.0
-        best = max(best, 1.0 - distance if distance < threshold else 0.0)
-    return best
+        length = max(len(answer.upper()), len(prediction.upper()))
+        distances.append(levenshtein(gold, pred) / length if length else 0.0)
+    similarity = 1.0 - min(distances) if distances else 0.0
+    return similarity if similarity >= threshold else 0.0
 
 
 def _to_float(text: str) -> float | None:
-    """A number as ChartQA writes it: '12.5', '1,234', '45%' (= 0.45), '$3'. None otherwise."""
-    text = text.strip().replace(",", "").lstrip("$").strip()
+    """A number as pix2struct reads one: Python's `float`, with trailing `%` signs meaning / 100.
+    Anything else (a comma, a currency sign, a trailing space after `%`) is not a number."""
     try:
         if text.endswith("%"):
-            return float(text[:-1]) / 100.0
+            return float(text.rstrip("%")) / 100.0
         return float(text)
     except ValueError:
         return None
 
 
 def relaxed_accuracy(prediction: str, answers: str | Sequence[str], tolerance: float = 0.05) -> float:
-    """ChartQA relaxed accuracy (Masry et al. 2022): numbers may differ by `tolerance` relative to
-    the reference (exactly equal when the reference is 0); anything else must match exactly
-    after lower-casing and stripping. The best reference counts."""
-    pred_text = prediction.strip().lower()
-    pred_number = _to_float(pred_text)
+    """ChartQA relaxed accuracy, as pix2struct's `relaxed_correctness` (Masry et al. 2022).
+
+    When the prediction and a non-zero reference both read as numbers, a relative error of at most
+    `tolerance` is correct; otherwise the strings must be equal after lower-casing (no stripping,
+    no comma removal: `"1,000"` is not `"1000"`, a zero reference needs the same string). The best
+    reference counts.
+    """
+    pred_number = _to_float(prediction)
     for answer in _as_list(answers):
-        gold_text = answer.strip().lower()
-        gold_number = _to_float(gold_text)
-        if pred_number is not None and gold_number is not None:
-            if gold_number == 0.0:
-                if pred_number == 0.0:
-                    return 1.0
-            elif abs(pred_number - gold_number) / abs(gold_number) <= tolerance:
-                return 1.0
-        elif pred_text == gold_text:
+        gold_number = _to_float(answer)
+        if pred_number is not None and gold_number:
+            correct = abs(pred_number - gold_number) / abs(gold_number) <= tolerance
+        else:
+            correct = prediction.lower() == answer.lower()
+        if correct:
             return 1.0
     return 0.0
 
@@ -108,14 +111,3 @@ def score(metric: str, prediction: str, answers: str | Sequence[str]) -> float:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     return METRICS[metric](prediction, answers)
-
-
-def metric_for_dataset(name: str) -> str:
-    """The customary metric for a dataset name: ANLS for DocVQA/InfographicVQA-like document
-    sets, relaxed accuracy for ChartQA/PlotQA, exact match otherwise (synthetic demo, VQA)."""
-    lowered = name.lower()
-    if "chart" in lowered or "plotqa" in lowered:
-        return "relaxed_accuracy"
-    if any(key in lowered for key in ("docvqa", "infovqa", "infographic", "document", "doc")):
-        return "anls"
-    return "exact_match"

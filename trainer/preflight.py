@@ -25,10 +25,13 @@ from trainer.config import (
     resume_changes,
     zero_stage,
 )
+from trainer.dataset_cache import ensure_source_shards
 
 
 def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
-    """Check paths and resume, build the DeepSpeed JSON; raises ConfigError / ResumeError."""
+    """Build shards of ``data.source`` (once), check paths and resume, build the DeepSpeed JSON; raises
+    ConfigError / ResumeError."""
+    ensure_source_shards(config)
     check_paths(config)
     check_shard_sets(config)
     resume_dir = ckpt.find_resume(config.output_dir, config.checkpoint.resume)

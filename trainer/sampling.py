@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from trainer.diffusion import logits_at_positions
+from trainer.run_settings import BLOCK_SIZE, resolve_flags, set_image_size
 from trainer.tokens import SpecialTokens
 
 
@@ -38,7 +39,7 @@ class GenerationConfig:
     """Answer canvas length in tokens (the answer plus its `<|im_end|>` must fit)."""
     steps: int = 32
     """Denoising steps in total, shared evenly between blocks; at least one per block."""
-    block_size: int = 32
+    block_size: int = BLOCK_SIZE
     """Semi-autoregressive block length; blocks are filled strictly left to right."""
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     """Which predictions to commit each step: the most confident ones, or a random subset."""
@@ -69,6 +70,16 @@ class GenerationConfig:
             raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side={self.padding_side!r}: use 'right' or 'left'")
+
+
+RUN_FLAG_DEFAULTS: dict[str, Any] = {
+    "shift": False,
+    "max_new_tokens": GenerationConfig.max_new_tokens,
+    "block_size": GenerationConfig.block_size,
+    "min_pixels": None,
+    "max_pixels": None,
+}
+"""The built-in values of the flags a run's settings fill (None pixels: the processor's own)."""
 
 
 @dataclass
@@ -346,11 +357,6 @@ def build_prompt(processor: Any, question: str, images: Sequence[Any] = ()) -> P
     )
 
 
-def default_device() -> torch.device:
-    """cuda when available, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_model(
     model: str,
     *,
@@ -360,70 +366,21 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: torch.device | str | None = None,
 ) -> Any:
-    """An `MDLMModel` for inference, in eval mode on `device`.
+    """An `MDLMModel` for inference, in eval mode on `device` (`trainer.export.load_run` without
+    the run settings).
 
-    `model`: a Qwen3-VL folder or hub id (the base). `adapter`: an exported PEFT adapter folder
-    (LoRA + the trained `<|mask|>` row), merged into the base weights. `checkpoint`: a trainer
-    checkpoint directory (`OUTPUT_DIR/checkpoints/step-N`): the model is rebuilt as the run built
-    it and its trained weights loaded.
+    `model`: a Qwen3-VL folder or hub id (the base, or a merged export). `adapter`: an exported PEFT
+    adapter folder (LoRA + the trained `<|mask|>` row), merged into the base weights. `checkpoint`:
+    a trainer checkpoint directory (`OUTPUT_DIR/checkpoints/step-N`, or the run directory for its
+    latest): the model is rebuilt as the run built it and its trained weights loaded.
     `dtype` "auto" = bfloat16 on GPU, float32 on CPU.
     """
-    from trainer.config import LoraConfig, ModelConfig
-    from trainer.model import assemble_mdlm_model, build_mdlm_model
+    from trainer.export import load_run
 
-    device = torch.device(device) if device is not None else default_device()
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"--dtype {dtype!r} is not a torch dtype: use auto, bfloat16, float16 or float32")
-    if adapter is not None and checkpoint is not None:
-        raise ValueError("give --adapter or --checkpoint, not both")
-    if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ValueError(
-                f"--adapter {adapter!r} has no adapter_config.json: pass an exported adapter folder"
-            )
-        from peft import PeftModel
-        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
-
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        base = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
-        # Merging gives plain weights: one forward per step with no adapter indirection.
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        mdlm = assemble_mdlm_model(
-            merged,
-            tokenizer,
-            ModelConfig(model, attn_implementation=attn_implementation),
-            LoraConfig(enabled=False),
-        )
-    elif checkpoint is not None:
-        mdlm = _load_from_checkpoint(model, checkpoint, torch_dtype, attn_implementation)
-    else:
-        mdlm = build_mdlm_model(
-            ModelConfig(model, attn_implementation=attn_implementation),
-            LoraConfig(enabled=False),
-            dtype=torch_dtype,
-        )
-    mdlm.peft_model.to(device)
-    mdlm.peft_model.eval()
-    mdlm.peft_model.requires_grad_(False)
-    return mdlm
-
-
-def _load_from_checkpoint(model: str, checkpoint: str, dtype: torch.dtype, attn_implementation: str) -> Any:
-    """The model as the run built it (settings from the checkpoint's stored config), trained
-    weights loaded (`trainer.export.load_trained_model`); `model` overrides the base path."""
-    from trainer.checkpoint import find_resume
-    from trainer.export import load_trained_model
-
-    # A run directory (or its checkpoints/) means its committed latest checkpoint: say which.
-    resolved = find_resume(checkpoint, checkpoint)
-    print(f"using checkpoint {resolved}", file=sys.stderr)
-    mdlm, _ = load_trained_model(resolved, base=model, dtype=dtype)
-    if attn_implementation != mdlm.backend:
-        mdlm.set_attention(attn_implementation)
-    return mdlm
+    return load_run(
+        model, adapter=adapter, checkpoint=checkpoint, dtype=dtype, attn_implementation=attn_implementation,
+        device=device,
+    )[0]  # fmt: skip
 
 
 def decode_generations(tokenizer: Any, generations: Sequence[Generation]) -> None:
@@ -434,33 +391,48 @@ def decode_generations(tokenizer: Any, generations: Sequence[Generation]) -> Non
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model` and one of `--adapter` / `--checkpoint`: what `load_model` takes (generate, evaluate)."""
-    parser.add_argument("--model", required=True, help="Qwen3-VL folder or hub id (the base model)")
+    parser.add_argument(
+        "--model", required=True, help="Qwen3-VL folder or hub id (the base, or a merged export)"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--adapter", help="exported PEFT adapter folder (python -m trainer export)")
-    source.add_argument("--checkpoint", help="trainer checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
+    source.add_argument(
+        "--checkpoint", help="trainer checkpoint (OUTPUT_DIR/checkpoints/step-N, or OUTPUT_DIR: its latest)"
+    )
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The decoding flags of `generate` and `evaluate`, defaults taken from :class:`GenerationConfig`
-    (read back with :func:`generation_config_from_args`; `--seed` is the command's own)."""
+    """The decoding and image-size flags of `generate` and `evaluate`. Those a run's
+    `mdlm_generation.json` holds default to None: the run's value, else the built-in default
+    (:func:`resolve_run_flags`); read back with :func:`generation_config_from_args`."""
     defaults = GenerationConfig()
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="answer canvas length"
-    )
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps in total")
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="semi-AR block length")
+    run = "default: the run's, else"
+    parser.add_argument("--max-new-tokens", type=int, help=f"answer canvas ({run} {defaults.max_new_tokens})")
+    parser.add_argument("--steps", type=int, help="denoising steps in total (default: --max-new-tokens)")
+    parser.add_argument("--block-size", type=int, help=f"semi-AR block length ({run} {defaults.block_size})")
     parser.add_argument(
         "--remasking", choices=["low_confidence", "random"], default=defaults.remasking, help="what to commit"
     )
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     parser.add_argument("--no-stop-at-eos", action="store_true", help="fill the whole canvas")
+    parser.add_argument(
+        "--shift", action=argparse.BooleanOptionalAction, help=f"diffusion.shift decoding ({run} off)"
+    )
+    parser.add_argument("--min-pixels", type=int, help=f"image resize floor ({run} the processor's)")
+    parser.add_argument("--max-pixels", type=int, help=f"image resize cap ({run} the processor's)")
+
+
+def resolve_run_flags(args: argparse.Namespace, settings: dict[str, Any] | None, source: str | None) -> None:
+    """Fill the unset flags from the run's settings, else :data:`RUN_FLAG_DEFAULTS`; print the line
+    that says which values came from the run."""
+    print(resolve_flags(args, settings, source, RUN_FLAG_DEFAULTS), file=sys.stderr)
 
 
 def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
-    """The validated :class:`GenerationConfig` of parsed `add_generation_arguments` flags."""
+    """The validated :class:`GenerationConfig` of parsed (and resolved) `add_generation_arguments` flags."""
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        steps=args.steps,
+        steps=args.max_new_tokens if args.steps is None else args.steps,
         block_size=args.block_size,
         remasking=args.remasking,
         temperature=args.temperature,
@@ -485,7 +457,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_generation_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--shift", action="store_true", help="the model was trained with diffusion.shift")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flex | flash")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -530,20 +501,19 @@ def main(argv: list[str]) -> int:
     """`python -m trainer generate`: print the answers (or JSON with `--json`)."""
     args = _parser().parse_args(argv)
     try:
-        config = generation_config_from_args(args)
         requests = _requests(args)
         images = {path: _open_image(path) for _, paths in requests for path in paths}
         from trainer.assets import load_processor
+        from trainer.export import load_run
 
-        model = load_model(
-            args.model,
-            adapter=args.adapter,
-            checkpoint=args.checkpoint,
-            dtype=args.dtype,
-            attn_implementation=args.attn_implementation,
-            device=args.device,
-        )
+        model, settings, source = load_run(
+            args.model, adapter=args.adapter, checkpoint=args.checkpoint, dtype=args.dtype,
+            attn_implementation=args.attn_implementation, device=args.device,
+        )  # fmt: skip
+        resolve_run_flags(args, settings, source)
+        config = generation_config_from_args(args)
         processor = load_processor(args.model)
+        set_image_size(processor, args.min_pixels, args.max_pixels)
         prompts = [build_prompt(processor, text, [images[p] for p in paths]) for text, paths in requests]
         tokens = SpecialTokens.from_tokenizer(model.tokenizer, model.config)
         generations = generate(model, prompts, config, tokens, shift=args.shift)
@@ -558,10 +528,13 @@ def main(argv: list[str]) -> int:
         return 0
     report = {
         "config": asdict(config),
+        "shift": args.shift,
+        "image_size": {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
         "generations": [
             {
                 "prompt": text,
                 "images": paths,
+                "image_grid_thw": prompt.image_grid_thw.tolist() if prompt.image_grid_thw is not None else [],
                 "text": generation.text,
                 "finished": generation.finished,
                 "num_steps": generation.num_steps,
@@ -571,7 +544,7 @@ def main(argv: list[str]) -> int:
                     for token_id, step in zip(generation.token_ids, generation.commit_steps, strict=True)
                 ],
             }
-            for (text, paths), generation in zip(requests, generations, strict=True)
+            for (text, paths), prompt, generation in zip(requests, prompts, generations, strict=True)
         ],
     }
     print(json.dumps(report, ensure_ascii=False, indent=2))

@@ -46,6 +46,7 @@ from trainer.model import MDLMModel, MDLMOutput, build_mdlm_model
 from trainer.optim import client_optimizer, schedule_lengths, scheduler_factory
 from trainer.preflight import prepare
 from trainer.run_log import MetricsWriter, Throughput, peak_memory_gib
+from trainer.run_settings import generation_settings
 from trainer.seeding import derived_seed
 from trainer.stopping import StopAgreement
 
@@ -289,8 +290,11 @@ class Trainer:
         self.eval_set = build_eval_set(config, info, processor)
         self.flops_model = flops_model(self.model, config.lora.enabled)
         self.peak_flops = peak_flops(info.device, self.precision)
-        self.writer = MetricsWriter(self.output_dir, info.is_main, config.logging.tensorboard)
+        self.writer = MetricsWriter(
+            self.output_dir, info.is_main, config.logging, to_dict(config), resuming=resume_dir is not None
+        )
         self.stop = StopAgreement(config.schedule, start_step=self.step)
+        self.generation_settings = generation_settings(config) if info.is_main else None  # rank 0 saves them
 
     # -- one optimizer step -----------------------------------------------------------------------
 
@@ -540,8 +544,9 @@ class Trainer:
             "config": to_dict(cfg),
         }  # fmt: skip
         path = ckpt.save(
-            self.engine, self.output_dir, self.step, state, cfg.checkpoint.keep_last, self.zero3, info.is_main
-        )
+            self.engine, self.output_dir, self.step, state, cfg.checkpoint.keep_last, self.zero3, info.is_main,
+            self.generation_settings,
+        )  # fmt: skip
         self.last_saved = self.step
         return path
 

@@ -16,6 +16,7 @@ import torch.distributed
 
 from trainer import checkpoint as ckpt
 from trainer import distributed
+from trainer.cli_help import train_help
 from trainer.config import ConfigError, load_config
 from trainer.dry_run import dry_run_report
 from trainer.preflight import prepare
@@ -49,13 +50,6 @@ def split_argv(argv: list[str]) -> tuple[str | None, bool, list[str]]:
     return config_file, dry_run, rest
 
 
-USAGE = """usage: python -m trainer train [--config FILE.yaml] [--dry-run] [--group.key VALUE ...] [--hf_alias VALUE ...]
-
-Overrides are dotted config keys (--optim.lr 1e-4, --schedule.max_steps 100) or Hugging Face
-Trainer-style names (--learning_rate, --per_device_train_batch_size, --lora False, --resume auto, ...).
-See trainer/config.py for every field."""
-
-
 def report_failure(text: str) -> None:
     """This rank's traceback, every line prefixed by the rank (the launchers interleave ranks' output)."""
     prefix = f"[rank {os.environ.get('RANK', '0')}] "
@@ -77,7 +71,7 @@ def leave(code: int) -> int:
 def main(argv: list[str]) -> int:
     """``python -m trainer train``: exit 0 on success (also after a signal/time-limit checkpoint)."""
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        print(train_help())
         return 0
     try:
         config_file, dry_run, overrides = split_argv(argv)

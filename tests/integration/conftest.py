@@ -48,7 +48,9 @@ def build_mixed_shards(out: Path, model_dir: Path, num_image: int, num_text: int
         max_pixels=128 * 128,
         image_format="png",
         samples_per_shard=500,
+        answer_padding="fixed",
         pad_answer_to=8,
+        pad_tokens="eos",
         seed=0,
     )
     splits: dict[str, list[dict[str, Any]]] = {}

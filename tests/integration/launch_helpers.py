@@ -33,7 +33,7 @@ def common_args(model: Path, shards: Path, out: Path) -> list[str]:
         "--model_name_or_path", str(model), "--dataset_args", str(shards), "--output_dir", str(out),
         "--data.max_tokens", "56", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
         "--data.num_workers", "0", "--logging.progress", "false", "--logging.log_every", "1",
-        "--logging.tensorboard", "false", "--eval.at_end", "false", "--lr_scheduler_type", "constant",
+        "--logging.report_to", "none", "--eval.at_end", "false", "--lr_scheduler_type", "constant",
         "--seed", "6",
     ]  # fmt: skip
 

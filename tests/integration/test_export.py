@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -10,9 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.assets import load_processor
 from trainer.checkpoint import checkpoint_root
+from trainer.run_settings import read_settings
 
 RunCmd = Callable[..., subprocess.CompletedProcess[str]]
+HUB_ID = "tiny-org/tiny-qwen3vl"
+
+
+def _hub_cache(root: Path, model_dir: Path, repo_id: str) -> Path:
+    """A Hugging Face hub cache holding `model_dir` as `repo_id`: offline loads resolve the id there."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return root
 
 
 def _our_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
@@ -42,7 +56,7 @@ def _stock_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tens
 
 @pytest.mark.slow
 def test_export_adapter_and_merge_load_in_stock_libraries(
-    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, run_cmd: RunCmd
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, run_cmd: RunCmd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
@@ -57,19 +71,13 @@ def test_export_adapter_and_merge_load_in_stock_libraries(
     ckpt = checkpoint_root(out) / "step-00000002"
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     run_cmd([sys.executable, "-m", "trainer", "export", "--checkpoint", str(out), "--output", str(adapter)])
-    run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            "export",
-            "--checkpoint",
-            str(ckpt),
-            "--output",
-            str(merged),
-            "--merge",
-        ]
-    )
+    # The merge names its base by hub id (offline, from a local hub cache): the processor files must
+    # come through transformers, as no base folder is there to copy them from.
+    monkeypatch.setenv("HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", tiny_model_dir, HUB_ID)))
+    run_cmd([
+        sys.executable, "-m", "trainer", "export", "--checkpoint", str(ckpt), "--output", str(merged), "--merge",
+        "--base", HUB_ID,
+    ])  # fmt: skip
 
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
@@ -97,3 +105,18 @@ def test_export_adapter_and_merge_load_in_stock_libraries(
     torch.testing.assert_close(
         _stock_logits(merged_model, input_ids)[..., keep], ours[..., keep], atol=2e-4, rtol=1e-4
     )
+
+    # The run's settings travel with the checkpoint and both exports (mixed_shards: 64x64 to 128x128
+    # pixels, answers padded to 8 targets, so a one-block canvas).
+    settings = read_settings(ckpt)
+    assert settings is not None and settings == read_settings(adapter) == read_settings(merged)
+    assert settings["shift"] is False and (settings["min_pixels"], settings["max_pixels"]) == (
+        64 * 64,
+        128 * 128,
+    )
+    assert settings["answer_padding"]["pad_answer_to"] == 8
+    assert (settings["max_new_tokens"], settings["block_size"]) == (32, 32)
+    # The merged folder alone gives the processor: image processor and tokenizer with <|mask|>.
+    processor = load_processor(merged)
+    assert processor.tokenizer.convert_tokens_to_ids("<|mask|>") == mask_id
+    assert processor.image_processor.patch_size == 16 and (merged / "preprocessor_config.json").is_file()

@@ -7,7 +7,10 @@ whatever `num_workers` is. Workers only read and collate; all decisions come fro
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +23,8 @@ from trainer.data.batch import PackedBatch, SampleReader, collate_rows
 from trainer.data.plan import Catalog, EpochPlan, Planner, PlanSpec, SampleRef, best_fit_pack, load_catalog
 
 __all__ = ["EvalLoader", "TrainLoader", "TrainStep"]
+
+logger = logging.getLogger(__name__)
 
 # step -> micro-batch -> row -> samples to read
 _Row = list[tuple[SampleRef, str]]
@@ -90,6 +95,29 @@ class _RankSteps(IterableDataset):
             yield TrainStep(self.epoch, self.first_step + j, micro_batches, skipped, where, num_read)
 
 
+def usable_cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@functools.cache
+def _note_worker_clamp(requested: int, usable: int) -> None:
+    """Say once per process (not once per epoch) that fewer workers run than configured."""
+    logger.warning(
+        "data.num_workers %d clamped to %d, the number of CPU cores this process may use", requested, usable
+    )
+
+
+def _worker_count(requested: int, num_steps: int) -> int:
+    """`requested` workers, at most one per usable core (more only compete for the same cores) and per step."""
+    usable = usable_cpu_count()
+    if requested > usable:
+        _note_worker_clamp(requested, usable)
+    return min(requested, usable, max(1, num_steps))
+
+
 def _ordered_steps(
     steps: list[_Step],
     epoch: int,
@@ -107,7 +135,7 @@ def _ordered_steps(
     loader = DataLoader(
         dataset,
         batch_size=None,
-        num_workers=min(num_workers, max(1, len(steps))),
+        num_workers=_worker_count(num_workers, len(steps)),
         prefetch_factor=prefetch_factor,
         pin_memory=pin_memory,
         collate_fn=_identity,

@@ -77,8 +77,16 @@ def test_tokenizer_info(data_tools_tokenizer: Any) -> None:
     assert len(info["fingerprint"]) == 64 and info["name_or_path"] == "tiny"
 
 
-def test_pad_answer_to_fills_a_fixed_canvas_with_endoftext(data_tools_tokenizer) -> None:
-    from data_tools.samples import tokenize_conversation
+def _answer_targets(tokenized: Any) -> list[int]:
+    """The targets of the last answer: contiguous, and (padded) the end of the sample."""
+    start = tokenized.answer_mask.index(1)
+    end = start + tokenized.answer_mask[start:].index(0) if 0 in tokenized.answer_mask[start:] else None
+    assert end is None or end == len(tokenized.input_ids) - 1  # unpadded: the template's closing newline
+    return tokenized.input_ids[start:end]
+
+
+def test_fixed_padding_fills_a_canvas_with_endoftext(data_tools_tokenizer: Any) -> None:
+    from data_tools.samples import AnswerPadding, tokenize_conversation
 
     tok = data_tools_tokenizer
     messages = [
@@ -86,15 +94,13 @@ def test_pad_answer_to_fills_a_fixed_canvas_with_endoftext(data_tools_tokenizer)
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
     ]
     plain = tokenize_conversation(tok, messages, [], "last")
-    padded = tokenize_conversation(tok, messages, [], "last", pad_answer_to=8)
+    padded = tokenize_conversation(tok, messages, [], "last", AnswerPadding("fixed", 8, "eos"))
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     answer_start = plain.answer_mask.index(1)
     # "red" <|im_end|> then six <|endoftext|>, all targets, in place of the closing newline.
     assert padded.input_ids[:answer_start] == plain.input_ids[:answer_start]
-    assert padded.input_ids[answer_start:] == [*tok.encode("red"), im_end] + [eos] * 6
-    assert padded.answer_mask[answer_start:] == [1] * 8
-    assert len(padded.input_ids) == answer_start + 8
+    assert _answer_targets(padded) == [*tok.encode("red"), im_end] + [eos] * 6
     # An answer already as long as the canvas keeps its template ending.
     long_answer = [
         messages[0],
@@ -103,6 +109,34 @@ def test_pad_answer_to_fills_a_fixed_canvas_with_endoftext(data_tools_tokenizer)
             "content": [{"type": "text", "text": "one two three four five six seven eight"}],
         },
     ]
-    assert tokenize_conversation(tok, long_answer, [], "last", pad_answer_to=8) == tokenize_conversation(
+    fixed = AnswerPadding("fixed", 8, "eos")
+    assert tokenize_conversation(tok, long_answer, [], "last", fixed) == tokenize_conversation(
         tok, long_answer, [], "last"
     )
+
+
+def test_random_rainbow_padding(data_tools_tokenizer: Any) -> None:
+    from data_tools.samples import RAINBOW_PADS, AnswerPadding, tokenize_conversation
+
+    tok = data_tools_tokenizer
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    answer = [*tok.encode("red"), tok.convert_tokens_to_ids("<|im_end|>")]
+    rainbow = [tok.convert_tokens_to_ids(t) for t in RAINBOW_PADS]
+    # draw 0 -> no extra pads; draw -> 1 -> up to the length; log-uniform in between.
+    lengths = []
+    for draw in (0.0, 0.5, 0.999999):
+        padding = AnswerPadding("random", 64, "rainbow", draw)
+        targets = _answer_targets(tokenize_conversation(tok, messages, [], "last", padding))
+        assert targets[: len(answer)] == answer and len(targets) == padding.target_length(len(answer))
+        pads = targets[len(answer) :]
+        if pads:  # one <|endoftext|>, then the cycle of distinct pad tokens
+            assert pads[0] == tok.convert_tokens_to_ids("<|endoftext|>")
+            assert pads[1:] == [rainbow[i % len(rainbow)] for i in range(len(pads) - 1)]
+        lengths.append(len(targets))
+    assert lengths[0] == len(answer) and len(answer) < lengths[1] < lengths[2] == 64
+    assert lengths[1] == len(answer) + int((64 - len(answer) + 2) ** 0.5) - 1
+    # None of the rainbow tokens is ever written by the chat template or ordinary text.
+    assert all(t in {x.content for x in tok.added_tokens_decoder.values() if x.special} for t in RAINBOW_PADS)

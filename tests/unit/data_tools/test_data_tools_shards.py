@@ -72,14 +72,44 @@ def test_offsets_read_sample_and_plain_tarfile(tmp_path: Path) -> None:
     assert shards.verify(tmp_path) == []
 
 
-def test_webdataset_pipeline_reads_shards(tmp_path: Path) -> None:
-    _write_set(tmp_path)
-    urls = [str(p) for p in sorted(tmp_path.glob("shard-*.tar"))]
-    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil")
-    rows = list(ds)
-    assert [r["__key__"] for r in rows] == [f"s{s}_{i}" for s in range(2) for i in range(4)]
-    assert isinstance(rows[1]["0.png"], Image.Image)
-    assert rows[0]["json"]["num_tokens"] == 5
+def _as_jpeg(sample: shards.EncodedSample) -> shards.EncodedSample:
+    """The same sample with its images stored as JPEG."""
+    images = []
+    for _, data in sample.images:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).save(buf, format="JPEG")
+        images.append(("jpg", buf.getvalue()))
+    return shards.EncodedSample(
+        json={**sample.json, "images": [f"{i}.jpg" for i in range(len(images))]}, images=images
+    )
+
+
+def test_webdataset_reads_every_member_with_the_bytes_of_read_sample(tmp_path: Path) -> None:
+    # The shards are plain WebDataset tars (webdataset is a test dependency: no code imports it).
+    entries = []
+    for s in range(2):
+        samples = [_sample(f"s{s}_{i}", num_images=i % 3) for i in range(4)]
+        samples += [_as_jpeg(_sample(f"j{s}_{i}", num_images=i + 1)) for i in range(2)]
+        entries.append(shards.write_shard(tmp_path / shards.SHARD_PATTERN.format(s), samples))
+    urls = [str(tmp_path / entry["name"]) for entry in entries]
+    rows = list(wds.WebDataset(urls, shardshuffle=False))
+    indexed = [(entry["name"], sample) for entry in entries for sample in entry["samples"]]
+    assert [row["__key__"] for row in rows] == [sample["key"] for _, sample in indexed]
+    for row, (name, sample) in zip(rows, indexed, strict=True):
+        path = tmp_path / name
+        with open(path, "rb") as f:
+            f.seek(sample["offset"])
+            raw = f.read(sample["num_bytes"])
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            members = {info.name.split(".", 1)[1]: tar.extractfile(info).read() for info in tar}  # type: ignore[union-attr]
+        assert {k: v for k, v in row.items() if not k.startswith("__")} == members
+        expected = shards.read_sample(path, sample["offset"], sample["num_bytes"])
+        assert json.loads(row["json"]) == expected["json"]
+        images = [Image.open(io.BytesIO(row[member])) for member in expected["json"]["images"]]
+        assert len(images) == sample["num_images"]
+        for image, read in zip(images, expected["images"], strict=True):
+            assert image.convert(read.mode).tobytes() == read.tobytes()
+    assert {m.rsplit(".", 1)[-1] for row in rows for m in row if m[0].isdigit()} == {"png", "jpg"}
 
 
 def test_reproducible_bytes(tmp_path: Path) -> None:

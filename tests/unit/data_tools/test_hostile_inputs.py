@@ -240,7 +240,16 @@ def test_hostile_corpus(tmp_path: Path, tiny_model_dir: Path, data_tools_tokeniz
         "--model",
         str(tiny_model_dir),
     ]
-    opts = ["--min-pixels", "4096", "--max-pixels", "16384", "--max-image-bytes", "100000"]
+    opts = [
+        "--min-pixels",
+        "4096",
+        "--max-pixels",
+        "16384",
+        "--max-image-bytes",
+        "100000",
+        "--pad-answer-to",
+        "0",
+    ]
     assert cli([*argv, *opts, "--max-reject-fraction", "1", "--no-progress"]) == 0
 
     rejects = [json.loads(line) for line in (out / shards.REJECTS_NAME).read_text().splitlines()]

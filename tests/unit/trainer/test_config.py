@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
+import types
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import pytest
 import yaml
 
 from trainer.config import (
+    HIDDEN_SIZE_AUTO_KEYS,
     ConfigError,
     TrainConfig,
     _all_keys,
@@ -20,7 +25,13 @@ from trainer.config import (
 )
 
 REPO = Path(__file__).resolve().parents[3]
-BASE = {"model.name_or_path": "/nonexistent/model", "data.train": "/nonexistent/shards"}
+# One packed row per optimizer step and rank (the defaults are the seed script's 4 x 2).
+BASE = {
+    "model.name_or_path": "/nonexistent/model",
+    "data.train": "/nonexistent/shards",
+    "schedule.micro_batch_size": 1,
+    "schedule.grad_accum_steps": 1,
+}
 
 
 def _base_args() -> list[str]:
@@ -57,8 +68,9 @@ def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
 
 
 def test_hf_style_aliases(tmp_path: Path) -> None:
-    (tmp_path / "set" / "train").mkdir(parents=True)
-    (tmp_path / "set" / "test").mkdir(parents=True)
+    for split in ("train", "test"):  # a folder of two shard sets
+        (tmp_path / "set" / split).mkdir(parents=True)
+        (tmp_path / "set" / split / "index.json").write_text("{}")
     argv = [
         "--model_name_or_path", "/m", "--lora", "False", "--r", "8", "--lora_alpha", "16",
         "--lora_dropout", "0.1", "--target_modules", "q_proj,v_proj", "--freeze_vision", "true",
@@ -98,21 +110,45 @@ def test_aliases_also_work_flat_in_yaml(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model_name_or_path: /m\ndataset_args: /d\nlearning_rate: 3.0e-4\n")
     cfg = load_config(cfg_file)
-    assert cfg.model.name_or_path == "/m" and cfg.data.train == ["/d"] and cfg.optim.lr == 3e-4
+    assert cfg.model.name_or_path == "/m" and cfg.optim.lr == 3e-4
+    assert cfg.data.source == "/d" and cfg.data.train == []  # not shards: a dataset to build from
 
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--optim.lrr", "1"], "did you mean 'optim.lr'"),
-        (["--learning_rat", "1"], "did you mean 'learning_rate'"),
-        (["--schedule.micro_batchsize", "1"], "did you mean 'schedule.micro_batch_size'"),
+        (["--optim.lrr", "1"], "did you mean 'optim.lr'?"),
+        (["--learning_rat", "1"], "did you mean '--learning_rate' (optim.lr)?"),
+        (["--schedule.micro_batchsize", "1"], "did you mean 'schedule.micro_batch_size'?"),
+        # The last component of a key, then the Hugging Face name users mean for it.
+        (
+            ["--lr", "1e-4"],
+            "unknown config key 'lr' in command line; did you mean '--learning_rate' (optim.lr)?",
+        ),
+        (["--epochs", "2"], "did you mean '--num_train_epochs' (schedule.epochs)?"),
+        (["--batch_size", "2"], "did you mean '--per_device_train_batch_size' (schedule.micro_batch_size)?"),
+        (["--lora_rank", "8"], "did you mean '--lora_r' (lora.r)?"),
+        (["--eval_every", "8"], "did you mean '--eval_steps' (eval.every)?"),
+        (["--dataset", "/d"], "did you mean '--dataset_args'?"),
+        (["--precision", "bf16"], "did you mean 'deepspeed.precision'?"),
     ],
 )
 def test_unknown_key_suggests_closest(argv: list[str], expected: str) -> None:
-    with pytest.raises(ConfigError, match=expected) as info:
+    with pytest.raises(ConfigError, match=re.escape(expected)) as info:
         load_config(None, [*_base_args(), *argv])
     assert "\n" not in str(info.value)
+
+
+def test_short_unknown_keys_never_suggest_one_letter_aliases(tmp_path: Path) -> None:
+    for name in ("rr", "lx", "x"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [*_base_args(), f"--{name}", "1"])
+        assert str(info.value) == f"unknown config key {name!r} in command line"
+    # Outside the command line the suggestion names the YAML key, without "--".
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=re.escape("did you mean 'learning_rate' (optim.lr)?")):
+        load_config(cfg_file, _base_args())
 
 
 def test_unknown_yaml_key_rejected(tmp_path: Path) -> None:
@@ -131,9 +167,30 @@ def test_type_errors_are_one_line() -> None:
 
 def test_missing_required_inputs() -> None:
     with pytest.raises(ConfigError, match=r"model.name_or_path is not set"):
-        load_config(None, ["--data.train", "/d"])
+        load_config(None, ["--data.train", "/d", "--model_name_or_path", ""])
     with pytest.raises(ConfigError, match=r"data.train is not set"):
         load_config(None, ["--model.name_or_path", "/m"])
+    with pytest.raises(ConfigError, match=r"data.source builds the train and test shard sets itself"):
+        load_config(None, ["--data.source", "/raw.jsonl", "--data.train", "/d"])
+
+
+def test_without_a_config_file_the_defaults_are_the_seed_scripts() -> None:
+    cfg = load_config(None, ["--dataset_args", "jp1924/KoDocumentTableVisualSFT[train:1000,test:100]"])
+    assert cfg.data.source == "jp1924/KoDocumentTableVisualSFT" and (
+        cfg.data.limit_train,
+        cfg.data.limit_test,
+    ) == (1000, 100)
+    assert cfg.model.name_or_path == "Qwen/Qwen3-VL-2B-Instruct" and cfg.lora.enabled
+    s = cfg.schedule
+    assert (s.epochs, s.micro_batch_size, s.grad_accum_steps, s.warmup_ratio, s.lr_scheduler) == (
+        3.0,
+        4,
+        2,
+        0.03,
+        "cosine",
+    )
+    assert (cfg.optim.lr, cfg.data.max_tokens, cfg.diffusion.mask_prompt_loss) == (2e-4, 2048, True)
+    assert cfg.deepspeed.precision == "auto" and cfg.deepspeed.tf32  # bf16 and tf32 where the GPU has them
 
 
 def test_check_paths(tmp_path: Path) -> None:
@@ -239,3 +296,117 @@ def test_drop_remainder_reaches_the_plan(tmp_path: Path) -> None:
     }
     config = load_config(None, overrides)
     assert plan_spec(config, world_size=2).drop_remainder is True
+
+
+def _fake_wandb_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("wandb")
+    module.__spec__ = ModuleSpec("wandb", loader=None)
+    monkeypatch.setitem(sys.modules, "wandb", module)
+
+
+def test_report_to_as_hugging_face_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert TrainConfig().logging.report_to == ["tensorboard"]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # wandb not installed
+    assert load_config(None, [*_base_args(), "--report_to", "none"]).logging.report_to == []
+    assert load_config(None, [*_base_args(), "--report_to", "all"]).logging.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match=re.escape("needs the wandb package: pip install -e '.[wandb]'")):
+        load_config(None, [*_base_args(), "--report_to", "tensorboard,wandb"])
+    with pytest.raises(ConfigError, match=r"'mlflow' is not one of tensorboard, wandb, all, none"):
+        load_config(None, {**BASE, "logging.report_to": "mlflow"})
+    with pytest.raises(ConfigError, match=r"'all' and 'none' stand alone"):
+        load_config(None, {**BASE, "logging.report_to": ["none", "tensorboard"]})
+    _fake_wandb_installed(monkeypatch)
+    both = load_config(None, [*_base_args(), "--report_to", "wandb,tensorboard", "--run_name", "r1"])
+    assert both.logging.report_to == ["wandb", "tensorboard"] and both.logging.run_name == "r1"
+    assert load_config(None, [*_base_args(), "--report_to", "all"]).logging.report_to == [
+        "tensorboard",
+        "wandb",
+    ]
+
+
+def _llama_factory_ds(zero: dict) -> dict:
+    """LLaMA-Factory's examples/deepspeed/ds_z{2,3}_config.json (written for the HF Trainer)."""
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }  # fmt: skip
+
+
+LLAMA_FACTORY_Z3 = {
+    "stage": 3, "overlap_comm": False, "contiguous_gradients": True, "sub_group_size": 1e9,
+    "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+    "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+    "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True,
+}  # fmt: skip
+LLAMA_FACTORY_Z2 = {
+    "stage": 2, "allgather_partitions": True, "allgather_bucket_size": 5e8, "overlap_comm": False,
+    "reduce_scatter": True, "reduce_bucket_size": 5e8, "contiguous_gradients": True,
+    "round_robin_gradients": True,
+}  # fmt: skip
+
+
+def test_llama_factory_deepspeed_json_runs_unchanged(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 7, "text_config": {"hidden_size": 64}}))
+    (tmp_path / "z3.json").write_text(json.dumps(_llama_factory_ds(LLAMA_FACTORY_Z3)))
+    (tmp_path / "z2.json").write_text(json.dumps(_llama_factory_ds(LLAMA_FACTORY_Z2)))
+    overrides = {**BASE, "model.name_or_path": str(model), "schedule.micro_batch_size": 2, "optim.lr": 1e-4}
+    z3 = build_deepspeed_config(
+        load_config(None, {**overrides, "deepspeed.config": str(tmp_path / "z3.json")}),
+        world_size=4, cuda=True, bf16_supported=True,
+    )  # fmt: skip
+    zero = z3["zero_optimization"]
+    # As HF's trainer_config_finalize fills them from the language model's hidden size (64).
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (64 * 64, int(0.9 * 64 * 64))
+    assert zero["stage3_param_persistence_threshold"] == 640 and zero["sub_group_size"] == 1e9
+    assert (z3["train_micro_batch_size_per_gpu"], z3["gradient_accumulation_steps"], z3["train_batch_size"]) == (
+        2, 1, 8,
+    )  # fmt: skip
+    assert z3["gradient_clipping"] == 1.0 and z3["bf16"]["enabled"] is True and z3["fp16"]["enabled"] is False
+    assert z3["optimizer"]["params"] == {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    z2 = build_deepspeed_config(
+        load_config(None, {**overrides, "deepspeed.config": str(tmp_path / "z2.json")}), 1
+    )
+    assert z2["zero_optimization"] == LLAMA_FACTORY_Z2 and z2["train_batch_size"] == 2
+    assert capsys.readouterr().err == ""
+    # Without a readable hidden size the sizes are left to DeepSpeed's defaults, said in one line.
+    hub = load_config(None, {**overrides, "model.name_or_path": "Qwen/Qwen3-VL-2B-Instruct",
+                             "deepspeed.config": str(tmp_path / "z3.json")})  # fmt: skip
+    zero = build_deepspeed_config(hub, 1)["zero_optimization"]
+    assert not set(HIDDEN_SIZE_AUTO_KEYS) & set(zero)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "left to DeepSpeed's defaults" in err and "Qwen3-VL-2B-Instruct" in err
+
+
+def test_deepspeed_json_values_must_agree_with_the_config(tmp_path: Path) -> None:
+    user = tmp_path / "ds.json"
+    cfg = load_config(None, {**BASE, "deepspeed.config": str(user), "schedule.lr_scheduler": "constant"})
+
+    def build(ds: dict) -> dict:
+        user.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds}))
+        return build_deepspeed_config(cfg, 1, cuda=True)
+
+    with pytest.raises(
+        ConfigError, match=r"sets optimizer.params.lr = 0.1 but the trainer config gives 0.0002"
+    ):
+        build({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}})
+    with pytest.raises(
+        ConfigError, match=r'zero_optimization.allgather_bucket_size = "auto", which the trainer'
+    ):
+        build({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}})
+    # HF's scheduler section: the trainer runs the same schedule itself, so the section goes.
+    hf_scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                   "warmup_num_steps": "auto"}}  # fmt: skip
+    assert "scheduler" not in build({"scheduler": hf_scheduler})
+    with pytest.raises(ConfigError, match=r"scheduler.params.warmup_num_steps = 100; .* set it to \"auto\""):
+        build({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100}}})
+    with pytest.raises(ConfigError, match=r"scheduler 'WarmupDecayLR' .* pass --lr_scheduler_type linear"):
+        build({"scheduler": {"type": "WarmupDecayLR", "params": {}}})

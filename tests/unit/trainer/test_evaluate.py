@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,18 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from test_sampling import build_shards, save_run
 
+from data_tools.shards import read_index
 from trainer.assets import load_processor
 from trainer.config import ModelConfig
 from trainer.data import LoadedSample, PackedBatch, collate_rows
 from trainer.diffusion import masked_diffusion_loss
+from trainer.evaluate import choose_metric
+from trainer.evaluate import main as evaluate_main
 from trainer.nelbo import fixed_uniforms, nelbo_eval
 from trainer.positions import mrope_position_ids
+from trainer.run_settings import read_settings
 from trainer.sampling import build_prompt, load_model
 
 
@@ -154,3 +160,65 @@ def test_nelbo_with_the_vision_merger_inside_the_engine(
     batches = _batches(samples, [[[0, 1], [2, 3]]], pad)
     result = nelbo_eval(trained, batches, mask_token_id=trained.mask_token_id)
     assert math.isfinite(result["nelbo"]) and result["num_samples"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluate command: the metric the shard set records, and the run's settings
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """`train/` and `test/` built with `--metric anls` and images of 64x64 to 128x128 pixels."""
+    return build_shards(tmp_path_factory.mktemp("eval-shards"), tiny_model_dir)
+
+
+def test_metric_auto_is_what_the_shard_set_records_never_its_path(
+    shards: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    index = read_index(shards / "test")
+    assert choose_metric("auto", index) == "anls" and capsys.readouterr().err == ""
+    assert choose_metric("relaxed_accuracy", index) == "relaxed_accuracy"
+    # Nothing recorded: exact match, and a note on how to record one (a path such as
+    # /home/docker/docvqa/test no longer matters: the set's own metadata decides).
+    index["build"]["metric"] = ""
+    assert choose_metric("auto", index) == "exact_match"
+    assert "data_tools build --metric" in capsys.readouterr().err
+    assert choose_metric("auto", {**index, "synth": {"tasks": {}}}) == "exact_match"
+    assert capsys.readouterr().err == ""  # the synthetic demo set is exact match by design
+    index["build"]["metric"] = "bleu"
+    with pytest.raises(ValueError, match="records metric 'bleu'"):
+        choose_metric("auto", index)
+    with pytest.raises(ValueError, match="--metric 'bleu'"):
+        choose_metric("bleu", index)
+
+
+def test_evaluate_reads_the_run_settings_of_a_checkpoint(
+    shards: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run trained with diffusion.shift (and the merger) is evaluated with shift, no flag needed."""
+    overrides = {"diffusion.shift": True, "model.freeze_merger": False}
+    checkpoint, _ = save_run(tmp_path / "run", tiny_model_dir, shards / "train", overrides)
+    argv = ["--model", str(tiny_model_dir), "--checkpoint", str(checkpoint), "--data", str(shards)]
+    argv += [
+        "--limit",
+        "2",
+        "--steps",
+        "2",
+        "--max-pixels",
+        str(256 * 256),
+        "--output",
+        str(tmp_path / "e.json"),
+    ]
+    assert evaluate_main(argv) == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "e.json").read_text())
+    settings = read_settings(checkpoint)
+    assert settings is not None
+    assert report["shift"] is True and report["metric"] == "anls"
+    assert report["generation"]["max_new_tokens"] == settings["max_new_tokens"]
+    assert math.isfinite(report["nelbo"]["nelbo"]) and report["num_samples"] == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("run settings from")]
+    taken = f"shift=True, max_new_tokens={settings['max_new_tokens']}, block_size=32, min_pixels=4096"
+    assert line.endswith(f"mdlm_generation.json: {taken}")
+    # The held-out images are used as stored: a model told to read another size hears about it.
+    assert f"{shards / 'test'} was built with max_pixels 16384, the model reads 65536" in err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from trainer.assets import load_processor
 from trainer.attention import varlen_boundaries
 from trainer.config import ModelConfig
 from trainer.data import EvalLoader, PackedBatch, TrainLoader
+from trainer.data import loader as loader_module
 from trainer.positions import mrope_position_ids
 
 MAX_TOKENS = 128
@@ -99,6 +102,26 @@ def test_order_does_not_depend_on_num_workers(shard_dir: Path, processor: Any) -
     base = digest(0)
     assert len(base) > 4
     assert digest(3) == base
+
+
+def test_workers_beyond_the_usable_cores_are_clamped_with_one_note(
+    shard_dir: Path, processor: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One usable core, seen by the loader and by PyTorch's own worker-count check alike.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    loader_module._note_worker_clamp.cache_clear()
+    expected = [item.keys for item in _loader(shard_dir, processor, num_workers=0, max_epochs=2)]
+    with (
+        caplog.at_level("WARNING", logger="trainer.data.loader"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        keys = [item.keys for item in _loader(shard_dir, processor, num_workers=3, max_epochs=2)]
+    assert keys == expected
+    # PyTorch warns "This DataLoader will create 3 worker processes ..." when given more than one.
+    assert not [w for w in caught if "worker" in str(w.message)]
+    notes = [r.getMessage() for r in caplog.records if "data.num_workers" in r.getMessage()]
+    assert notes == ["data.num_workers 3 clamped to 1, the number of CPU cores this process may use"]
 
 
 def test_epoch_two_starts_with_the_carried_remainder(shard_dir: Path, processor: Any) -> None:
