@@ -34,7 +34,7 @@ RAINBOW_PADS = (
     "<|file_sep|>",
 )
 PADDING_MODES = ("random", "fixed", "none")
-PAD_TOKENS = ("rainbow", "eos")
+PAD_TOKENS = ("eos", "rainbow")
 # Stands for the N-th text part while finding where the template puts message text (private-use
 # characters: no chat template writes them).
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
@@ -66,7 +66,7 @@ class AnswerPadding:
 
     mode: str = "none"
     length: int = 0
-    tokens: str = "rainbow"
+    tokens: str = "eos"
     draw: float = 0.0
 
     def target_length(self, answer_length: int) -> int:
