@@ -504,16 +504,22 @@ def _expand_dataset_args(value: str, source: str) -> dict[str, Any]:
         raise ConfigError(
             f"--dataset_args in {source} is empty; give a dataset or a shard directory, e.g. data/shards[train:1000]"
         )
-    out: dict[str, Any] = {}
     root = Path(path)
+    # Every key, so that a later --dataset_args replaces an earlier one whole.
+    out: dict[str, Any] = {"data.train": [], "data.test": "", "data.source": ""}
     if (root / "index.json").is_file():
         out["data.train"] = [path]
     elif (root / "train" / "index.json").is_file():
         out["data.train"] = [str(root / "train")]
         if (root / "test" / "index.json").is_file():
             out["data.test"] = str(root / "test")
+    elif root.exists() or not (root.is_absolute() or path.startswith(".")):
+        out["data.source"] = path  # a local dataset, or a hub name
     else:
-        out["data.source"] = path
+        raise ConfigError(
+            f"--dataset_args {path!r} in {source} does not exist; give a shard set, a folder of train/ and "
+            "test/ shard sets, or a dataset (save_to_disk folder, parquet, JSON/JSONL file, hub name)"
+        )
     for item in (match.group("limits") or "").split(","):
         if not item.strip():
             continue

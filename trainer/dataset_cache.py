@@ -100,7 +100,8 @@ def ensure_source_shards(config: TrainConfig) -> None:
     tokenizer = load_tokenizer(config.model.name_or_path)
     folder = cache_folder(config, tokenizer_fingerprint(tokenizer))
     if env_rank() == 0:
-        _build_once(config, folder)
+        source = _open(config)  # a source that cannot be read fails here, before any folder is made
+        _build_once(config, folder, source)
     else:
         _wait_for(folder)
     config.data.train = [str(folder / "train")]
@@ -118,7 +119,16 @@ def _wait_for(folder: Path) -> None:
         time.sleep(1.0)
 
 
-def _build_once(config: TrainConfig, folder: Path) -> None:
+def _open(config: TrainConfig) -> Any:
+    from data_tools.sources import open_source
+
+    try:
+        return open_source(config.data.source, config.data.source_format or None)
+    except BuildError as err:
+        raise ConfigError(f"data.source: {err}") from err
+
+
+def _build_once(config: TrainConfig, folder: Path, source: Any) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another job building the same shards: wait, then reuse them
@@ -133,18 +143,17 @@ def _build_once(config: TrainConfig, folder: Path) -> None:
             flush=True,
         )
         try:
-            _build(config, folder)
+            _build(config, folder, source)
         except BuildError as err:
             raise ConfigError(f"data.source {config.data.source}: {err}") from err
         atomic_write_text(folder / READY, json.dumps({"source": config.data.source}) + "\n")
 
 
-def _build(config: TrainConfig, folder: Path) -> None:
+def _build(config: TrainConfig, folder: Path, source: Any) -> None:
     from data_tools.build import run_build
-    from data_tools.sources import Source, open_source
+    from data_tools.sources import Source
 
     data = config.data
-    source = open_source(data.source, data.source_format or None)
     names = list(source.splits)
     train_split = "train" if "train" in names else names[0]
     train_rows = source.splits[train_split]

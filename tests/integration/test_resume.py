@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 from launch_helpers import child_env, common_args, free_port, torchrun_cmd
 
-from trainer.checkpoint import STATE_FILE, UNIVERSAL_DIR, WEIGHTS_FILE, checkpoint_root, read_state
+from trainer.checkpoint import (
+    POINTER_FILE,
+    STATE_FILE,
+    UNIVERSAL_DIR,
+    WEIGHTS_FILE,
+    checkpoint_root,
+    read_state,
+)
 
 RunCmd = Callable[..., subprocess.CompletedProcess[str]]
 REPO = Path(__file__).resolve().parents[2]
@@ -106,22 +113,40 @@ def check_two_rank_run(out: Path, stdout: str, total: int = TOTAL_STEPS) -> None
     assert (checkpoint_root(out) / f"step-{total:08d}" / WEIGHTS_FILE).is_file()
 
 
+def stopped_after(reference: Path, out: Path, step: int) -> Path:
+    """``reference``'s output folder as a run that committed ``step`` and ended there: the later
+    checkpoints and metrics are removed (what a run stopped by ``exit_after_steps`` leaves; it saves
+    a launch per test)."""
+    shutil.copytree(reference, out)
+    root = checkpoint_root(out)
+    for ckpt in root.iterdir():
+        if ckpt.is_dir() and ckpt.name.startswith("step-") and int(ckpt.name[5:]) > step:
+            shutil.rmtree(ckpt)
+    (root / POINTER_FILE).write_text(f"step-{step:08d}")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
+    assert read_state(root / f"step-{step:08d}") is not None
+    return out
+
+
 @pytest.fixture(scope="module")
 def zero3_lora_runs(
     tiny_model_dir: Path, mixed_shards: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    """The uninterrupted 2-rank ZeRO-3 + LoRA run and a 2-rank run of its first 4 steps (same schedule)."""
+    """The uninterrupted 2-rank ZeRO-3 + LoRA run (every checkpoint kept) and its first 4 steps."""
     root = tmp_path_factory.mktemp("z3-lora")
-    runs = {"reference": root / "reference", "first4": root / "first4"}
-    for name, extra in (("reference", []), ("first4", ["--schedule.exit_after_steps", "4"])):
-        args = [*run_args(tiny_model_dir, mixed_shards, runs[name], "zero3", True, 2), *extra]
-        proc = subprocess.run(
-            launch(2, args), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-6000:]
-        if name == "reference":
-            check_two_rank_run(runs[name], proc.stdout)  # LoRA under ZeRO-3 learns, evaluates, commits
-    return runs
+    reference = root / "reference"
+    args = [
+        *run_args(tiny_model_dir, mixed_shards, reference, "zero3", True, 2),
+        "--checkpoint.keep_last",
+        "0",
+    ]
+    proc = subprocess.run(
+        launch(2, args), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    check_two_rank_run(reference, proc.stdout)  # LoRA under ZeRO-3 learns, evaluates, commits
+    return {"reference": reference, "first4": stopped_after(reference, root / "first4", 4)}
 
 
 def start_and_wait_for_step(command: list[str], out: Path, step: int, capture: bool) -> subprocess.Popen[str]:
@@ -219,8 +244,7 @@ def test_resume_at_another_world_size_equals_uninterrupted(
         check_two_rank_run(reference, proc.stdout, total)
         _, nelbo = records(reference)
         assert nelbo[total] < nelbo[total // 2]  # the whole language model learns fast
-    first = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_before, total), *extra]
-    run_cmd(launch(ranks_before, [*first, "--schedule.exit_after_steps", "4"]))
+    stopped_after(reference, out, 4)
     after = [*run_args(tiny_model_dir, mixed_shards, out, deepspeed, lora, ranks_after, total), *extra]
     run_cmd(launch(ranks_after, [*after, "--resume", "auto"]))
     assert_equal_runs(out, reference, from_step=4, total=total)

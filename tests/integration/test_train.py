@@ -91,7 +91,11 @@ def test_two_launchers_as_two_nodes_with_hostfile(
             ["--schedule.global_batch_size", "4"],
             "global_batch_size 4 != micro_batch_size 1 * grad_accum_steps 2 * world size 1 = 2",
         ),
-        (["--dataset_args", "/nonexistent/shards"], "data.train '/nonexistent/shards' has no index.json"),
+        (
+            ["--dataset_args", "/nonexistent/shards"],
+            "--dataset_args '/nonexistent/shards' in command line does not exist",
+        ),
+        (["--data.train", "/nonexistent/shards"], "data.train '/nonexistent/shards' has no index.json"),
         (
             ["--model_name_or_path", "/nonexistent/model"],
             "model.name_or_path '/nonexistent/model' is not a model folder",

@@ -80,7 +80,13 @@ def test_plan_takes_config_and_overrides_like_train(tmp_path: Path, capsys: pyte
         yaml.safe_dump({"model": {"name_or_path": str(tmp_path)}, "data": {"train": [str(tmp_path / "set")],
                         "max_tokens": 100, "limit_train": 20}, "seed": 3})
     )  # fmt: skip
-    overrides = ["--gradient_accumulation_steps", "2", "--data.packing=false"]
+    overrides = [
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--data.packing=false",
+    ]
     assert trainer_main(["plan", "--config", str(recipe), *overrides, "--world-size", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     config = load_config(recipe, overrides)

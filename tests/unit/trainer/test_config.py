@@ -108,10 +108,10 @@ def test_hf_style_aliases(tmp_path: Path) -> None:
 
 def test_aliases_also_work_flat_in_yaml(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("model_name_or_path: /m\ndataset_args: /d\nlearning_rate: 3.0e-4\n")
+    cfg_file.write_text("model_name_or_path: /m\ndataset_args: org/dataset\nlearning_rate: 3.0e-4\n")
     cfg = load_config(cfg_file)
     assert cfg.model.name_or_path == "/m" and cfg.optim.lr == 3e-4
-    assert cfg.data.source == "/d" and cfg.data.train == []  # not shards: a dataset to build from
+    assert cfg.data.source == "org/dataset" and cfg.data.train == []  # not shards: a dataset to build from
 
 
 @pytest.mark.parametrize(
