@@ -689,10 +689,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             "model.name_or_path is not set; pass --model_name_or_path PATH or set model.name_or_path"
         )
-    if config.data.source and (config.data.train or config.data.test):
-        raise ConfigError(
-            "data.source builds the train and test shard sets itself; leave data.train and data.test unset"
-        )
     if config.data.source_format not in ("", "messages", "llava", "kodoc"):
         raise ConfigError(f"data.source_format {config.data.source_format!r}: use messages, llava or kodoc")
     if not config.data.train and not config.data.source:

@@ -99,6 +99,12 @@ def ensure_source_shards(config: TrainConfig) -> None:
 
     tokenizer = load_tokenizer(config.model.name_or_path)
     folder = cache_folder(config, tokenizer_fingerprint(tokenizer))
+    # A saved run config holds both (data.train then names this cache); anything else is a clash.
+    if config.data.train not in ([], [str(folder / "train")]):
+        raise ConfigError(
+            f"data.source builds the train and test shard sets itself (into {folder}); "
+            f"leave data.train unset (it is {config.data.train})"
+        )
     if env_rank() == 0:
         source = _open(config)  # a source that cannot be read fails here, before any folder is made
         _build_once(config, folder, source)

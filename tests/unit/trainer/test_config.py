@@ -170,8 +170,6 @@ def test_missing_required_inputs() -> None:
         load_config(None, ["--data.train", "/d", "--model_name_or_path", ""])
     with pytest.raises(ConfigError, match=r"data.train is not set"):
         load_config(None, ["--model.name_or_path", "/m"])
-    with pytest.raises(ConfigError, match=r"data.source builds the train and test shard sets itself"):
-        load_config(None, ["--data.source", "/raw.jsonl", "--data.train", "/d"])
 
 
 def test_without_a_config_file_the_defaults_are_the_seed_scripts() -> None:

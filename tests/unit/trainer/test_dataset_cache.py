@@ -11,7 +11,7 @@ import pytest
 
 from data_tools import shards
 from trainer import dataset_cache
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 
 
 def _rows(path: Path, n: int) -> None:
@@ -61,6 +61,13 @@ def test_rank_zero_builds_once_and_a_second_run_reuses(
     dataset_cache.ensure_source_shards(again)
     assert again.data.train == config.data.train
     assert (Path(again.data.train[0]) / "index.json").stat().st_mtime_ns == index_time  # reused
+    # A saved run config names both the source and its cache (generate --checkpoint reloads it) ...
+    dataset_cache.ensure_source_shards(again)
+    assert again.data.train == config.data.train
+    # ... but data.train pointing elsewhere is a clash.
+    again.data.train = [str(tmp_path / "other")]
+    with pytest.raises(ConfigError, match=r"data\.source builds the train and test shard sets itself"):
+        dataset_cache.ensure_source_shards(again)
     # Another slice, or a changed source file, is another cache entry.
     other = _config(tmp_path, tiny_model_dir, f"{tmp_path / 'data.jsonl'}[train:16]")
     dataset_cache.ensure_source_shards(other)
