@@ -17,10 +17,9 @@ from typing import Any
 
 from data_tools import images as images_mod
 from data_tools.errors import BuildError
-from data_tools.samples import PAD_TOKENS, PADDING_MODES, AnswerPadding
+from data_tools.samples import PAD_TOKENS, PADDING_MODES, TRAIN_ON, AnswerPadding
 from data_tools.sources import Source
 
-TRAIN_ON = ("last", "all")
 METRIC_NAMES = ("exact_match", "anls", "relaxed_accuracy")
 """The answer scorers of `trainer.metrics` (named here: data_tools never imports trainer)."""
 
@@ -113,25 +112,29 @@ class BuildSettings:
 SOURCE_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
 
 
+def source_files(spec: str) -> list[list[Any]]:
+    """Name (relative to the source's folder), size and modification time of each data file of a
+    local source; none for a hub name."""
+    path = Path(spec)
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files, root = sorted(p for p in path.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()), path
+    else:
+        return []
+    return [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def source_identity(source: Source, input_split: str) -> dict[str, Any]:
-    """What a build read: the source's data files (name, size, modification time) and its row count,
-    or the dataset's own fingerprint for a hub dataset. A resumed build must find them unchanged."""
+    """What a build read: the source's data files (`source_files`) and its row count, or the
+    dataset's own fingerprint for a hub dataset. A resumed build must find them unchanged."""
     rows = source.splits[input_split]
     identity: dict[str, Any] = {"rows": len(rows)}
-    path = Path(source.spec)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
-    else:
-        files = []
-        if getattr(rows, "_fingerprint", None):
-            identity["fingerprint"] = rows._fingerprint
+    files = source_files(source.spec)
     if files:
-        root = path if path.is_dir() else path.parent
-        identity["files"] = [
-            [str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files
-        ]
+        identity["files"] = files
+    elif not Path(source.spec).exists() and getattr(rows, "_fingerprint", None):
+        identity["fingerprint"] = rows._fingerprint
     return identity
 
 

@@ -17,7 +17,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 from data_tools.errors import BuildError
 from data_tools.fileio import atomic_write_text
-from data_tools.settings import SOURCE_SUFFIXES, BuildSettings, with_model_pixels
+from data_tools.settings import BuildSettings, source_files, with_model_pixels
 from trainer.config import ConfigError, TrainConfig
 from trainer.distributed import env_rank
 
@@ -63,20 +62,13 @@ def build_settings(config: TrainConfig) -> BuildSettings:
     return with_model_pixels(defaults, config.model.name_or_path)
 
 
-def source_files(spec: str) -> list[list[Any]]:
-    """Name, size and modification time of the source's data files (none for a hub name)."""
-    path = Path(spec)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SOURCE_SUFFIXES)
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-
-
 def cache_folder(config: TrainConfig, tokenizer_fingerprint: str) -> Path:
     """``cache_dir/NAME-KEY``: NAME from the source, KEY a hash of everything the shards depend on."""
     data = config.data
     spec = data.source
     identity = {
         "source": str(Path(spec).resolve()) if Path(spec).exists() else spec,
-        "files": source_files(spec) if Path(spec).exists() else [],
+        "files": source_files(spec),
         "format": data.source_format,
         "slice": [data.limit_train, data.limit_test],
         "tokenizer": tokenizer_fingerprint,
@@ -172,7 +164,9 @@ def _build(config: TrainConfig, folder: Path, source: Any) -> None:
     elif data.limit_test:  # no held-out split: the rows right after the training rows
         splits["test"] = RowSlice(train_rows, n_train, n_train + data.limit_test)
     sliced = Source(data.source, source.container, source.row_format, splits, source.base_dir)
-    workers = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    from trainer.data.loader import usable_cpu_count
+
+    workers = min(16, usable_cpu_count())  # the other ranks only wait: rank 0 may use every core
     run_build(
         sliced, folder, config.model.name_or_path, build_settings(config), workers, force_split_dirs=True
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,22 +313,15 @@ def test_build_settings_validate_and_cli_defaults(tmp_path: Path, tiny_model_dir
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes(), name
 
 
-def _text_rows(path: Path, n: int) -> None:
-    rows = [
-        {
-            "id": f"t{i}",
-            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
-        }
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def test_changed_source_is_refused_and_force_rebuilds(
-    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    write_text_rows: Callable[..., None],
 ) -> None:
     src, out = tmp_path / "d.jsonl", tmp_path / "o"
-    _text_rows(src, 6)
+    write_text_rows(src, 6)
     # Interrupt a build after its first shard, then change the source (one row more): no resume.
     real_write_shard = shards.write_shard
     written: list[Path] = []
@@ -342,14 +336,14 @@ def test_changed_source_is_refused_and_force_rebuilds(
     with pytest.raises(KeyboardInterrupt):
         _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2")
     monkeypatch.setattr(shards, "write_shard", real_write_shard)
-    _text_rows(src, 7)
+    write_text_rows(src, 7)
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2") == 1
     err = capsys.readouterr().err
     assert "holds an interrupted build, and its source changed since" in err and "--force" in err
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2", "--force") == 0
     assert shards.read_index(out)["num_samples"] == 7
     # A complete set whose source changed is not taken as done either.
-    _text_rows(src, 5)
+    write_text_rows(src, 5)
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2") == 1
     assert "holds a complete shard set, and its source changed since" in capsys.readouterr().err
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2", "--force") == 0
@@ -357,10 +351,13 @@ def test_changed_source_is_refused_and_force_rebuilds(
 
 
 def test_other_layout_in_output_is_refused_or_replaced(
-    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    write_text_rows: Callable[..., None],
 ) -> None:
     src, out = tmp_path / "d.jsonl", tmp_path / "o"
-    _text_rows(src, 8)
+    write_text_rows(src, 8)
     split = ["--test-fraction", "0.5", "--seed", "1"]
     assert _build(str(src), out, tiny_model_dir) == 0  # flat: o/index.json
     assert _build(str(src), out, tiny_model_dir, *split) == 1  # now o/train/ and o/test/

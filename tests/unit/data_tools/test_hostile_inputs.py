@@ -225,21 +225,18 @@ def _checks(tokenizer: Any) -> dict[str, Callable[[dict[str, Any]], bool]]:
     }
 
 
+def _build_argv(root: Path, out: Path, model: Path) -> list[str]:
+    """`data_tools build` of `root/data.jsonl` into `out`."""
+    return ["build", "--source", str(root / "data.jsonl"), "--output", str(out), "--model", str(model)]
+
+
 def test_hostile_corpus(tmp_path: Path, tiny_model_dir: Path, data_tools_tokenizer: Any) -> None:
     root, outside = tmp_path / "dataset", tmp_path / "outside"
     _write_files(root, outside)
     cases = _cases(root, outside)
     (root / "data.jsonl").write_bytes(b"\n".join(line for _, line, _ in cases) + b"\n")
     out = tmp_path / "shards"
-    argv = [
-        "build",
-        "--source",
-        str(root / "data.jsonl"),
-        "--output",
-        str(out),
-        "--model",
-        str(tiny_model_dir),
-    ]
+    argv = _build_argv(root, out, tiny_model_dir)
     opts = [
         "--min-pixels",
         "4096",
@@ -280,15 +277,7 @@ def test_first_frame_and_outside_root_opt_ins(tmp_path: Path, tiny_model_dir: Pa
     rows = [_image_row("anim", "anim.gif"), _image_row("outside", "../outside/secret.png")]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "shards"
-    argv = [
-        "build",
-        "--source",
-        str(root / "data.jsonl"),
-        "--output",
-        str(out),
-        "--model",
-        str(tiny_model_dir),
-    ]
+    argv = _build_argv(root, out, tiny_model_dir)
     assert cli([*argv, "--min-pixels", "4096", "--max-pixels", "16384", "--first-frame", "--allow-outside-root", "--no-progress"]) == 0  # fmt: skip
     samples = _samples_by_id(out)
     assert set(samples) == {"anim", "outside"}

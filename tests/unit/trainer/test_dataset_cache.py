@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,17 +12,6 @@ import pytest
 from data_tools import shards
 from trainer import dataset_cache
 from trainer.config import ConfigError, load_config
-
-
-def _rows(path: Path, n: int) -> None:
-    rows = [
-        {
-            "id": f"r{i}",
-            "messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"a{i}"}],
-        }
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _config(tmp_path: Path, model: Path, spec: str) -> object:
@@ -44,10 +33,13 @@ def _source_ids(directory: str) -> list[str]:
 
 
 def test_rank_zero_builds_once_and_a_second_run_reuses(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_text_rows: Callable[..., None],
 ) -> None:
     monkeypatch.delenv("RANK", raising=False)
-    _rows(tmp_path / "data.jsonl", 40)
+    write_text_rows(tmp_path / "data.jsonl", 40, "r")
     config = _config(tmp_path, tiny_model_dir, f"{tmp_path / 'data.jsonl'}[train:24,test:8]")
     assert config.data.source and not config.data.train
     dataset_cache.ensure_source_shards(config)
@@ -74,7 +66,7 @@ def test_rank_zero_builds_once_and_a_second_run_reuses(
     assert Path(other.data.train[0]).parent != folder and other.data.test == ""
     assert len(_source_ids(other.data.train[0])) == 16
     before = dataset_cache.cache_folder(config, "fp")
-    _rows(tmp_path / "data.jsonl", 41)
+    write_text_rows(tmp_path / "data.jsonl", 41, "r")
     assert dataset_cache.cache_folder(config, "fp") != before
 
 

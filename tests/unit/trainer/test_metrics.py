@@ -176,3 +176,11 @@ def test_scorers_equal_the_reference_scorers_on_generated_pairs() -> None:
     assert (
         sum(relaxed_accuracy(p, a) != relaxed_accuracy(p.strip().replace(",", ""), a) for p, a in pairs) > 50
     )
+
+
+def test_the_build_names_the_same_metrics() -> None:
+    # data_tools (which never imports trainer) lists the names `build --metric` accepts.
+    from data_tools.settings import METRIC_NAMES
+    from trainer.metrics import METRICS
+
+    assert tuple(METRICS) == METRIC_NAMES
