@@ -198,23 +198,29 @@ def generate(
             steps_run_B += active_B.long()
 
             hidden_BLH = language(input_ids_BL, position_ids_3BL, seq_ids_BL, vision)
-            # Only the current block's positions need logits: the LM head is 151,936 wide.
+            # Only positions still to fill need logits (the LM head is 151,936 wide): committed ones
+            # and those after a row's <|im_end|> never change, so a large canvas costs what is left.
             block_pos_BK = canvas_start_B[:, None] + torch.arange(lo, hi, device=device)[None, :]
-            in_block_BL = torch.zeros_like(seq_ids_BL, dtype=torch.bool)
-            in_block_BL[rows_B[:, None], block_pos_BK] = True
-            logits_BKV = logits_at_positions(
+            eligible_BK = eligible_BN[:, lo:hi]
+            eligible_BL = torch.zeros_like(seq_ids_BL, dtype=torch.bool)
+            eligible_BL[rows_B[:, None], block_pos_BK] = eligible_BK
+            logits_NV = logits_at_positions(
                 hidden_BLH,
-                in_block_BL,
+                eligible_BL,
                 lm_head,
                 mask_token_id=tokens.mask,
                 shift=shift,
                 seq_ids_BL=seq_ids_BL,
-            ).view(num_rows, hi - lo, -1)
-
-            predicted_BK, confidence_BK = _predict(logits_BKV, config, generator)
+            )
+            predicted_N, confidence_N = _predict(logits_NV, config, generator)
+            # Back to [B, K] (both in row-major order): ineligible positions keep their id, never commit.
+            predicted_BK = canvas_ids_BN[:, lo:hi].clone()
+            predicted_BK[eligible_BK] = predicted_N
             if config.remasking == "random":
-                confidence_BK = torch.rand(confidence_BK.shape, generator=generator).to(device)
-            eligible_BK = eligible_BN[:, lo:hi]
+                confidence_BK = torch.rand(eligible_BK.shape, generator=generator).to(device)
+            else:
+                confidence_BK = torch.zeros(eligible_BK.shape, device=device)
+                confidence_BK[eligible_BK] = confidence_N
             confidence_BK = confidence_BK.masked_fill(~eligible_BK, -math.inf)
 
             # Commit ceil(remaining / steps left) per row so the block is full after its last step.
@@ -310,21 +316,21 @@ def _collect(
 
 
 def _predict(
-    logits_BKV: torch.Tensor, config: GenerationConfig, generator: torch.Generator
+    logits_NV: torch.Tensor, config: GenerationConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted token and its probability at each position (greedy or temperature sampling)."""
     if config.temperature <= 0:
-        probs_BKV = torch.softmax(logits_BKV, dim=-1)
-        confidence_BK, predicted_BK = probs_BKV.max(dim=-1)
-        return predicted_BK, confidence_BK
-    scaled_BKV = logits_BKV.double() / config.temperature
+        probs_NV = torch.softmax(logits_NV, dim=-1)
+        confidence_N, predicted_N = probs_NV.max(dim=-1)
+        return predicted_N, confidence_N
+    scaled_NV = logits_NV.double() / config.temperature
     # Gumbel-max sampling in float64 (LLaDA: low precision Gumbel noise biases low-probability tokens).
-    uniform_BKV = torch.rand(scaled_BKV.shape, generator=generator, dtype=torch.float64).to(scaled_BKV.device)
-    gumbel_BKV = -torch.log((-torch.log(uniform_BKV.clamp_min(1e-20))).clamp_min(1e-20))
-    predicted_BK = (scaled_BKV + gumbel_BKV).argmax(dim=-1)
-    probs_BKV = torch.softmax(scaled_BKV, dim=-1)
-    confidence_BK = probs_BKV.gather(-1, predicted_BK[..., None]).squeeze(-1).float()
-    return predicted_BK, confidence_BK
+    uniform_NV = torch.rand(scaled_NV.shape, generator=generator, dtype=torch.float64).to(scaled_NV.device)
+    gumbel_NV = -torch.log((-torch.log(uniform_NV.clamp_min(1e-20))).clamp_min(1e-20))
+    predicted_N = (scaled_NV + gumbel_NV).argmax(dim=-1)
+    probs_NV = torch.softmax(scaled_NV, dim=-1)
+    confidence_N = probs_NV.gather(-1, predicted_N[..., None]).squeeze(-1).float()
+    return predicted_N, confidence_N
 
 
 # ------------------------------------------------------------------------------------------------
