@@ -1,12 +1,19 @@
-"""Loader benchmark: read throughput per worker on document-like samples, and packing efficiency.
+"""Loader benchmark: read throughput per worker on document-like samples, the loader against the bare
+JPEG decode, and packing efficiency.
 
-    python benchmarks/loader.py --model TINY_DIR [--samples 96] [--workers 0 2] [--json OUT]
+    python benchmarks/loader.py --model TINY_DIR [--samples 96] [--workers 0 2] [--pages 32] [--passes 3]
+        [--max-pixels 1003520] [--json OUT]
 
 1. Throughput: a real shard set of document-QA-like samples (a scanned page from scikit-image,
    resized to Qwen grids of 300-1900 tokens, stored as JPEG; short and long questions) is written
    with data_tools' writer, then `TrainLoader` reads, decodes, preprocesses and collates it with
    `num_workers` = 0 (the main process: the cost of one worker) and the given worker counts.
-2. Packing efficiency (index only): real tokens / row tokens for best-fit packing into rows of
+2. Loader vs decode, per worker (num_workers=0): `--pages` samples of one 1280x960 document page
+   (the scikit-image page), put on the Qwen grid at the README's `--max-pixels` by data_tools' own
+   image step (JPEG), read one sample per row; the loader's time per sample against the bare decode
+   of the same JPEG bytes (PIL open + convert RGB + np.asarray), timed in turns (medians), as a ratio
+   (goal: at most 2x). Torch runs on one thread there, as in a DataLoader worker.
+3. Packing efficiency (index only): real tokens / row tokens for best-fit packing into rows of
    `max_tokens`, against padding each micro-batch of samples to its longest sample, on a
    document-QA length mix (40% short text QA, 50% one page, 10% multi-page).
 """
@@ -22,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from data_tools import shards
+from data_tools.images import process_image
 from data_tools.samples import tokenize_conversation, tokenizer_info
 from trainer.assets import load_processor
 from trainer.data import Planner, PlanSpec, TrainLoader, load_catalog
@@ -48,8 +57,15 @@ def document_sample(
         w = max(2, int(h * rng.uniform(0.6, 0.8)) // 2 * 2)
         buf = io.BytesIO()
         page.resize((16 * w, 16 * h), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
-        images.append(("jpg", buf.getvalue()))
+        images.append(buf.getvalue())
         grids.append((h, w))
+    return qa_sample(tokenizer, key, images, grids, rng)
+
+
+def qa_sample(
+    tokenizer: Any, key: str, jpegs: list[bytes], grids: list[tuple[int, int]], rng: np.random.Generator
+) -> shards.EncodedSample:
+    """A question (8-120 words) on JPEG images of the given grids (16-px patches), with a short answer."""
     words = [
         "what",
         "is",
@@ -79,7 +95,7 @@ def document_sample(
         "answer_mask": tokens.answer_mask, "image_grid_thw": [[1, h, w] for h, w in grids],
         "num_tokens": len(tokens.input_ids), "images": [f"{i}.jpg" for i in range(len(grids))],
     }  # fmt: skip
-    return shards.EncodedSample(json=sample_json, images=images)
+    return shards.EncodedSample(json=sample_json, images=[("jpg", jpeg) for jpeg in jpegs])
 
 
 def write_documents(directory: Path, tokenizer: Any, num_samples: int, per_shard: int = 32) -> None:
@@ -94,6 +110,58 @@ def write_documents(directory: Path, tokenizer: Any, num_samples: int, per_shard
         ]
         entries.append(shards.write_shard(directory / shards.SHARD_PATTERN.format(shard_id), samples))
     shards.write_index(directory, shards.make_index(entries, tokenizer_info(tokenizer, "bench"), {}))
+
+
+README_MAX_PIXELS = 1_003_520
+"""`--max-pixels` of the README's build example (document/table QA pages)."""
+
+
+def grid_page(max_pixels: int) -> tuple[bytes, tuple[int, int]]:
+    """The scanned page as a 1280x960 document, put on the Qwen grid by the build's own image step:
+    (its JPEG bytes, its (h, w) grid in 16-px patches)."""
+    buf = io.BytesIO()
+    page_image().resize((1280, 960), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=95)
+    image = process_image(buf.getvalue(), max_pixels=max_pixels)
+    return image.data, (image.height // 16, image.width // 16)
+
+
+def write_pages(
+    directory: Path, tokenizer: Any, num_samples: int, jpeg: bytes, grid: tuple[int, int]
+) -> None:
+    """A one-shard set of `num_samples` questions on the same page."""
+    rng = np.random.default_rng(0)
+    samples = [qa_sample(tokenizer, f"page{i:06d}", [jpeg], [grid], rng) for i in range(num_samples)]
+    entry = shards.write_shard(directory / shards.SHARD_PATTERN.format(0), samples)
+    shards.write_index(directory, shards.make_index([entry], tokenizer_info(tokenizer, "bench"), {}))
+
+
+def loader_vs_decode(
+    directory: Path, processor: Any, jpeg: bytes, passes: int, max_tokens: int
+) -> dict[str, float]:
+    """Seconds per sample of the loader in the main process (one worker's cost; one sample per row) and
+    of the bare decode of the same JPEG bytes, timed in turns (one sample, one decode) so that both
+    see the same machine; medians over `passes` passes (a shared machine's noise only adds time)."""
+    loader = TrainLoader(
+        [directory], rank=0, world_size=1, micro_batch=1, grad_accum=1, max_tokens=max_tokens, seed=0,
+        processor=processor, num_workers=0, packing=False, max_epochs=passes,
+    )  # fmt: skip
+    loads, decodes = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as PyTorch sets it in every DataLoader worker
+    try:
+        steps = iter(loader)
+        while True:
+            start = time.perf_counter()
+            if next(steps, None) is None:
+                break
+            loads.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+            decodes.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    load, decode = float(np.median(loads)), float(np.median(decodes))
+    return {"loader_s_per_sample": load, "decode_s_per_sample": decode, "ratio": load / decode}
 
 
 def throughput(directory: Path, processor: Any, num_workers: int, max_tokens: int) -> dict[str, float]:
@@ -168,6 +236,11 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=96, help="document samples for the throughput pass")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="num_workers values to time")
+    parser.add_argument("--pages", type=int, default=32, help="page samples for loader vs decode (0: skip)")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the pages (loader vs decode)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=README_MAX_PIXELS, help="pixel budget of the pages (README's build)"
+    )
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=4, help="batch size of the padding baseline")
     parser.add_argument(
@@ -177,7 +250,7 @@ def main() -> None:
     args = parser.parse_args()
 
     processor = load_processor(args.model)
-    results: dict[str, Any] = {"throughput": [], "packing": []}
+    results: dict[str, Any] = {"throughput": [], "packing": [], "loader_vs_decode": None}
     with tempfile.TemporaryDirectory() as tmp:
         docs = Path(tmp) / "docs"
         docs.mkdir()
@@ -190,6 +263,23 @@ def main() -> None:
             print(
                 f"workers={num_workers}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s "
                 f"({r['samples_per_s_per_worker']:.1f} samples/s, {r['tokens_per_s_per_worker']:.0f} tokens/s per worker)"
+            )
+        if args.pages:
+            jpeg, (h, w) = grid_page(args.max_pixels)
+            pages = Path(tmp) / "pages"
+            pages.mkdir()
+            write_pages(pages, processor.tokenizer, args.pages, jpeg, (h, w))
+            r = loader_vs_decode(pages, processor, jpeg, args.passes, args.max_tokens)
+            results["loader_vs_decode"] = {
+                "pages": args.pages,
+                "max_pixels": args.max_pixels,
+                "grid": [h, w],
+                **r,
+            }
+            print(
+                f"per worker, {args.pages} 1280x960 JPEG pages at max_pixels {args.max_pixels} ({16 * w}x{16 * h} px, "
+                f"{len(jpeg) // 1024} KiB): loader {1e3 * r['loader_s_per_sample']:.1f} ms/sample, bare JPEG "
+                f"decode {1e3 * r['decode_s_per_sample']:.1f} ms: {r['ratio']:.2f}x the decode (goal <= 2x)"
             )
         lengths = doc_qa_lengths(args.length_samples, seed=0)
         for window in (1, 16, 64):

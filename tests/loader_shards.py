@@ -1,7 +1,7 @@
 """Real shard sets with controlled lengths for the loader tests, written with data_tools' own writer.
 
 Samples are tokenised with the real Qwen tokenizer and chat template (`data_tools.samples`), images
-are PNGs already on the Qwen grid, and shards/index go through `data_tools.shards`, so the loader
+are PNGs (or JPEGs) already on the Qwen grid, and shards/index go through `data_tools.shards`, so the loader
 reads exactly what a real build writes.
 """
 
@@ -26,9 +26,10 @@ _WORDS = ("invoice", "total", "amount", "date", "table", "row", "column", "value
 
 
 def make_sample(
-    tokenizer: Any, key: str, num_words: int, grids: Sequence[tuple[int, int]]
+    tokenizer: Any, key: str, num_words: int, grids: Sequence[tuple[int, int]], image_format: str = "png"
 ) -> shards.EncodedSample:
-    """One question/answer sample with `num_words` question words and images of the given grids."""
+    """One question/answer sample with `num_words` question words and images of the given grids
+    (`image_format` "png" or "jpg")."""
     rng = np.random.default_rng(zlib.crc32(key.encode()))
     question = " ".join(_WORDS[int(i)] for i in rng.integers(0, len(_WORDS), num_words))
     answer = f"{int(rng.integers(0, 1000))} won"
@@ -42,8 +43,8 @@ def make_sample(
     for h, w in grids:
         pixels = rng.integers(0, 256, (16 * h, 16 * w, 3), dtype=np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG")
-        images.append(("png", buf.getvalue()))
+        Image.fromarray(pixels).save(buf, format={"png": "PNG", "jpg": "JPEG"}[image_format])
+        images.append((image_format, buf.getvalue()))
     sample_json = {
         "key": key,
         "source_id": key,
@@ -52,13 +53,17 @@ def make_sample(
         "answer_mask": tokens.answer_mask,
         "image_grid_thw": [[1, h, w] for h, w in grids],
         "num_tokens": len(tokens.input_ids),
-        "images": [f"{i}.png" for i in range(len(grids))],
+        "images": [f"{i}.{image_format}" for i in range(len(grids))],
     }
     return shards.EncodedSample(json=sample_json, images=images)
 
 
 def write_shard_set(
-    directory: Path, tokenizer: Any, layout: Sequence[Sequence[SampleSpec]], prefix: str = "s"
+    directory: Path,
+    tokenizer: Any,
+    layout: Sequence[Sequence[SampleSpec]],
+    prefix: str = "s",
+    image_format: str = "png",
 ) -> list[str]:
     """Write one shard per entry of `layout` (its samples' specs) plus index.json; returns the keys."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,7 @@ def write_shard_set(
         samples = []
         for j, (num_words, grids) in enumerate(specs):
             key = f"{prefix}{shard_id:02d}_{j:03d}"
-            samples.append(make_sample(tokenizer, key, num_words, grids))
+            samples.append(make_sample(tokenizer, key, num_words, grids, image_format))
             keys.append(key)
         entries.append(shards.write_shard(directory / shards.SHARD_PATTERN.format(shard_id), samples))
     index = shards.make_index(

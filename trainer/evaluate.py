@@ -20,6 +20,7 @@ import torch
 from trainer.config import DEFAULT_ACCURACY_T, DEFAULT_T_GRID
 from trainer.metrics import METRICS, exact_match, score
 from trainer.nelbo import nelbo_eval
+from trainer.pixels import image_patches
 from trainer.run_settings import set_image_size
 from trainer.sampling import (
     GenerationConfig,
@@ -124,18 +125,23 @@ class ImageSwapper:
         if mode not in IMAGE_MODES:
             raise ValueError(f"image mode {mode!r}: use one of {', '.join(IMAGE_MODES)}")
         self.mode, self.image_processor, self.seed = mode, image_processor, seed
-        self._blank: dict[tuple[int, int], torch.Tensor] = {}
+        self._blank: dict[tuple[int, int, bool], torch.Tensor] = {}
 
-    def blank(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Pixel values of a white image on `grid` (16-px patches)."""
+    def blank(self, grid: tuple[int, int, int], patches: bool = False) -> torch.Tensor:
+        """Pixel values of a white image on `grid` (16-px patches); with `patches` its uint8 patches,
+        as the loader ships them."""
         from PIL import Image
 
         _, h, w = grid
-        if (h, w) not in self._blank:
+        if (h, w, patches) not in self._blank:
             patch = int(self.image_processor.patch_size)
             white = Image.new("RGB", (w * patch, h * patch), (255, 255, 255))
-            self._blank[(h, w)] = _image_tensors(self.image_processor, [white])[0]
-        return self._blank[(h, w)]
+            self._blank[(h, w, patches)] = (
+                image_patches(white, patch, int(self.image_processor.merge_size))
+                if patches
+                else _image_tensors(self.image_processor, [white])[0]
+            )
+        return self._blank[(h, w, patches)]
 
     def swap(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """New pixel values for images [I] with grids `grid_thw`: blank, or each image replaced by
@@ -145,7 +151,8 @@ class ImageSwapper:
         pieces = list(pixel_values.split(_patches_per_image(grid_thw)))
         grids = [tuple(g) for g in grid_thw.tolist()]
         if self.mode == "blank":
-            return torch.cat([self.blank(g) for g in grids])  # type: ignore[arg-type]
+            uint8 = pixel_values.dtype == torch.uint8  # a loader's batch: blanks in its form
+            return torch.cat([self.blank(g, uint8) for g in grids])  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(self.seed)
         out = list(pieces)
         for grid in sorted(set(grids)):

@@ -168,17 +168,20 @@ def load_run(
     if adapter is not None:
         _check_adapter_folder(adapter)
         from peft import PeftModel
-        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+        from transformers import Qwen3VLForConditionalGeneration
 
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        from trainer.assets import load_processor
+
+        processor = load_processor(model)
         base = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
         # Merging gives plain weights: one forward per step with no adapter indirection.
         merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         mdlm = assemble_mdlm_model(
             merged,
-            tokenizer,
+            processor.tokenizer,
             ModelConfig(model, attn_implementation=attn_implementation),
             LoraConfig(enabled=False),
+            image_processor=processor.image_processor,
         )
         settings, source = read_settings(adapter), str(Path(adapter) / SETTINGS_FILE)
     elif checkpoint is not None:

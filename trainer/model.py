@@ -17,6 +17,8 @@
 The forward is split in two (docs/DESIGN.md §2): :meth:`MDLMModel.vision_features` runs the frozen vision
 tower under ``torch.no_grad()``, outside DeepSpeed; :class:`MDLMLanguageModel` (``engine_module``)
 is the trainable part that goes into the DeepSpeed engine. No deepspeed / torch.distributed here.
+Both take the loader's uint8 patches (normalised here, on the device: :mod:`trainer.pixels`) or an
+image processor's float pixel values.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from trainer import attention, diffusion
 from trainer.config import LoraConfig, ModelConfig
+from trainer.pixels import PixelNormaliser
 from trainer.tokens import IM_START, MASK_TOKEN
 
 QWEN_MASK_TOKEN_ID = 151_669
@@ -121,6 +124,21 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def _tower_input(
+    pixel_values: torch.Tensor, normaliser: PixelNormaliser | None, visual: nn.Module
+) -> torch.Tensor:
+    """What the vision tower reads: the loader's uint8 patches become the image processor's pixel
+    values here, a batch at a time on its device; float pixel values (a processor's) pass through."""
+    if pixel_values.dtype == torch.uint8:
+        if normaliser is None:
+            raise ValueError(
+                "uint8 image patches need the model's image processor: build the model with "
+                "build_mdlm_model, or pass image_processor= to assemble_mdlm_model"
+            )
+        pixel_values = normaliser(pixel_values)
+    return pixel_values.to(_dtype(visual))
+
+
 def _base(model: nn.Module) -> nn.Module:
     """The ``Qwen3VLForConditionalGeneration`` inside a PEFT model (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -188,6 +206,7 @@ class MDLMLanguageModel(nn.Module):
         mask_token_id: int,
         visual: nn.Module | None = None,
         vision_config: Any = None,
+        pixel_normaliser: PixelNormaliser | None = None,
     ) -> None:
         super().__init__()
         self.language_model = language_model
@@ -197,6 +216,7 @@ class MDLMLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.mask_token_id = mask_token_id
         self.vision_config = vision_config
+        self.pixel_normaliser = pixel_normaliser
 
     # -- vision inside the engine (train_vision / train_merger only) --------------------------
 
@@ -217,7 +237,8 @@ class MDLMLanguageModel(nn.Module):
             # Every rank runs the vision tower on every step so ZeRO-3 gathers the same parameters
             # everywhere; a text-only batch runs it on a blank image and adds an exact zero.
             pixel_values, image_grid_thw = self._blank_image(device)
-        out = self.visual(pixel_values.to(_dtype(self.visual)), grid_thw=image_grid_thw, return_dict=True)
+        pixels = _tower_input(pixel_values, self.pixel_normaliser, self.visual)
+        out = self.visual(pixels, grid_thw=image_grid_thw, return_dict=True)
         features = VisionFeatures(out.pooler_output, list(out.deepstack_features))
         zero = 0.0 * (features.image_embeds.sum() + sum(d.sum() for d in features.deepstack))
         return (None if blank else features), zero
@@ -427,7 +448,8 @@ class MDLMModel:
         """Run the vision tower without gradients (``no_grad``, not ``inference_mode``, so its outputs
         may enter the language model's autograd graph)."""
         visual = self.visual
-        out = visual(pixel_values.to(_dtype(visual)), grid_thw=image_grid_thw, return_dict=True)
+        pixels = _tower_input(pixel_values, self.engine_module.pixel_normaliser, visual)
+        out = visual(pixels, grid_thw=image_grid_thw, return_dict=True)
         return VisionFeatures(out.pooler_output, list(out.deepstack_features))
 
     def parameter_counts(self) -> dict[str, int]:
@@ -458,6 +480,8 @@ def assemble_mdlm_model(
     tokenizer: Any,
     model_config: ModelConfig | None = None,
     lora: LoraConfig | None = None,
+    *,
+    image_processor: Any = None,
 ) -> MDLMModel:
     """Turn a loaded stock ``Qwen3VLForConditionalGeneration`` into an :class:`MDLMModel` (in place).
 
@@ -466,7 +490,8 @@ def assemble_mdlm_model(
     trainer's config sections (defaults when None; ``attn_implementation="auto"`` resolves to the best
     backend installed). ``lora.enabled=False`` trains the whole language model; with
     ``model_config.train_embeddings=False`` its [V, H] embedding and tied head stay frozen but for
-    the ``<|mask|>`` row.
+    the ``<|mask|>`` row. ``image_processor`` (the loader's) lets the vision path take the loader's uint8
+    patches; without it only float pixel values are accepted.
     """
     model_config = model_config or ModelConfig()
     lora = lora or LoraConfig()
@@ -543,6 +568,7 @@ def assemble_mdlm_model(
         mask_token_id=mask_id,
         visual=model.model.visual if vision_modules else None,
         vision_config=model.config.vision_config,
+        pixel_normaliser=PixelNormaliser(image_processor) if image_processor is not None else None,
     )
     return MDLMModel(peft_model, tokenizer, mask_id, engine_module, backend, use_lora)
 
@@ -552,7 +578,9 @@ def build_mdlm_model(
 ) -> MDLMModel:
     """Load Qwen3-VL from ``model_config.name_or_path`` in ``dtype`` and assemble it as the config
     sections say (see :func:`assemble_mdlm_model`); training, export and generation all build here."""
-    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from trainer.assets import load_processor
 
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -560,8 +588,12 @@ def build_mdlm_model(
         dtype = getattr(torch, dtype)
     # Fail on a bad attention name before loading gigabytes.
     attention.resolve_backend(model_config.attn_implementation, torch.cuda.is_available())
-    tokenizer = AutoTokenizer.from_pretrained(model_config.name_or_path)
+    # The processor the loader builds from the same folder: its tokenizer, and its image processor for
+    # the uint8 patches.
+    processor = load_processor(model_config.name_or_path)
     model = Qwen3VLForConditionalGeneration.from_pretrained(
         model_config.name_or_path, dtype=dtype, attn_implementation="sdpa"
     )
-    return assemble_mdlm_model(model, tokenizer, model_config, lora)
+    return assemble_mdlm_model(
+        model, processor.tokenizer, model_config, lora, image_processor=processor.image_processor
+    )

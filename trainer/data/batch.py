@@ -17,6 +17,7 @@ import torch
 from data_tools.images import DisallowedImageFormat
 from data_tools.shards import read_sample
 from trainer.data.plan import SampleRef
+from trainer.pixels import image_patches
 from trainer.positions import mrope_position_ids
 from trainer.tokens import ENDOFTEXT, IMAGE_PAD, VISION_START, token_id
 
@@ -41,7 +42,8 @@ class LoadedSample:
     position_ids: torch.Tensor
     """[3, n] long M-RoPE ids of the sample alone."""
     pixel_values: torch.Tensor | None
-    """[P, C*T*16*16] float, or None without images."""
+    """[P, C*16*16] uint8 patches (`trainer.pixels.image_patches`), or the image processor's float
+    [P, C*T*16*16] pixel values; None without images."""
     image_grid_thw: torch.Tensor | None
     """[I, 3] long, or None without images."""
 
@@ -69,7 +71,9 @@ class PackedBatch:
     max_seqlen: int
     """Longest segment in `cu_seqlens`."""
     pixel_values: torch.Tensor | None
-    """[P, C*T*16*16] float, images in row-major order of appearance; None without images."""
+    """[P, C*16*16] uint8 patches, images in row-major order of appearance (the model normalises them
+    on the device: `trainer.pixels`); float [P, C*T*16*16] where the samples held processor output;
+    None without images."""
     image_grid_thw: torch.Tensor | None
     """[I, 3] long; None without images."""
     keys: list[list[str]]
@@ -102,7 +106,7 @@ class PackedBatch:
 
 
 class SampleReader:
-    """Reads samples by offset, checks them against the index, computes pixel values and positions.
+    """Reads samples by offset, checks them against the index, makes uint8 image patches and positions.
 
     Bad samples (unreadable bytes, JSON or images; disagreement with the index) return None and are
     counted by reason in `skipped`; a warning is logged for the first of each reason and then at
@@ -175,11 +179,11 @@ class SampleReader:
                     raise ValueError(
                         f"image size {image.size} is not the grid {[h, w]} x {self.patch_size} px"
                     )
-            processed = self.image_processor(images=raw["images"], do_resize=False, return_tensors="pt")
-            pixel_values = processed["pixel_values"]
-            grid_thw = processed["image_grid_thw"].to(torch.long)
-            if [tuple(g) for g in grid_thw.tolist()] != grids:
-                raise ValueError(f"image processor grid {grid_thw.tolist()} != index grid {grids}")
+            # uint8, not the processor's floats: the model normalises a whole batch on the device.
+            merge = self.spatial_merge_size
+            patches = [image_patches(image, self.patch_size, merge) for image in raw["images"]]
+            pixel_values = patches[0] if len(patches) == 1 else torch.cat(patches)  # one image: no copy
+            grid_thw = torch.tensor(grids, dtype=torch.long)
         position_ids = mrope_position_ids(
             input_ids,
             grid_thw,

@@ -17,9 +17,10 @@ from trainer.assets import load_processor
 from trainer.config import ModelConfig
 from trainer.data import LoadedSample, PackedBatch, collate_rows
 from trainer.diffusion import masked_diffusion_loss
-from trainer.evaluate import choose_metric
+from trainer.evaluate import ImageSwapper, choose_metric
 from trainer.evaluate import main as evaluate_main
 from trainer.nelbo import fixed_uniforms, nelbo_eval
+from trainer.pixels import PixelNormaliser
 from trainer.positions import mrope_position_ids
 from trainer.run_settings import read_settings
 from trainer.sampling import build_prompt, load_model
@@ -160,6 +161,18 @@ def test_nelbo_with_the_vision_merger_inside_the_engine(
     batches = _batches(samples, [[[0, 1], [2, 3]]], pad)
     result = nelbo_eval(trained, batches, mask_token_id=trained.mask_token_id)
     assert math.isfinite(result["nelbo"]) and result["num_samples"] == 4
+
+
+def test_blank_control_keeps_a_loader_batch_in_uint8_patches(tiny_model_dir: Path) -> None:
+    """`--image-mode blank` on the NELBO batches: white uint8 patches, which the model normalises into
+    the processor's white image."""
+    image_processor = load_processor(tiny_model_dir).image_processor
+    swapper = ImageSwapper("blank", image_processor)
+    grid_thw = torch.tensor([[1, 2, 4], [1, 4, 2]])
+    blank = swapper.swap(torch.zeros(16, 3 * 16 * 16, dtype=torch.uint8), grid_thw)
+    white = swapper.swap(torch.zeros(16, 3 * 2 * 16 * 16), grid_thw)
+    assert blank.dtype == torch.uint8 and blank.eq(255).all()
+    assert torch.equal(PixelNormaliser(image_processor)(blank), white)
 
 
 # ------------------------------------------------------------------------------------------------

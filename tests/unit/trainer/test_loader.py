@@ -1,4 +1,5 @@
-"""TrainLoader / EvalLoader on real shards: exactly once, worker-independent order, collation, corrupt bytes."""
+"""TrainLoader / EvalLoader on real shards: exactly once, worker-independent order, collation, uint8
+patches that the model's normaliser turns into the image processor's pixel values, corrupt bytes."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from trainer.attention import varlen_boundaries
 from trainer.config import ModelConfig
 from trainer.data import EvalLoader, PackedBatch, TrainLoader
 from trainer.data import loader as loader_module
+from trainer.pixels import PixelNormaliser
 from trainer.positions import mrope_position_ids
 
 MAX_TOKENS = 128
@@ -181,7 +183,9 @@ def _check_collation(batch: PackedBatch, shard_dir: Path, processor: Any) -> Non
     if grids:
         assert batch.image_grid_thw is not None and batch.pixel_values is not None
         assert batch.image_grid_thw.tolist() == grids
-        assert batch.pixel_values.shape == (sum(t * h * w for t, h, w in grids), 3 * 2 * 16 * 16)
+        # One uint8 frame per patch: the model normalises and repeats it over T=2 on the device.
+        assert batch.pixel_values.dtype == torch.uint8
+        assert batch.pixel_values.shape == (sum(t * h * w for t, h, w in grids), 3 * 16 * 16)
     else:
         assert batch.pixel_values is None and batch.image_grid_thw is None
 
@@ -215,13 +219,51 @@ def test_pixel_values_are_the_stored_images_without_a_second_resize(shard_dir: P
             resized = processor.image_processor(images=raw["images"], return_tensors="pt")
             assert resized["image_grid_thw"].tolist() != entry["image_grid_thw"]
             assert batch.image_grid_thw.tolist() == entry["image_grid_thw"]
-            # Patch 0 of image 0 is its top-left 16x16 block, normalised with mean/std 0.5, repeated over T=2.
-            pixels = torch.tensor(np.asarray(raw["images"][0].convert("RGB")), dtype=torch.float32)
-            block = ((pixels[:16, :16] / 255 - 0.5) / 0.5).permute(2, 0, 1)  # [C, 16, 16]
-            expected = block[:, None].expand(3, 2, 16, 16).reshape(-1)
-            assert torch.allclose(batch.pixel_values[0], expected, atol=1e-6)
+            # Patch 0 of image 0 is its top-left 16x16 block, channel-first; patch 1 the block right of it,
+            # patch 2 the one below (2x2 merge blocks come whole).
+            pixels = torch.from_numpy(np.array(raw["images"][0].convert("RGB")))
+            for patch, (row, col) in enumerate([(0, 0), (0, 16), (16, 0)]):
+                block = pixels[row : row + 16, col : col + 16].permute(2, 0, 1).reshape(-1)  # [C*16*16]
+                assert torch.equal(batch.pixel_values[patch], block)
             return
     raise AssertionError("the two-image sample was not seen")
+
+
+def test_normalised_patches_equal_the_image_processor_bit_for_bit(
+    shard_dir: Path, processor: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Packed batches of PNG and JPEG samples (several grids, two images in one sample, several in a
+    row): the normaliser's floats are exactly the image processor's for the same images."""
+    jpeg_dir = tmp_path / "jpeg"
+    layout = [[(6, [(2, 2)]), (4, [(4, 6), (2, 4)]), (9, [(6, 2)]), (3, []), (5, [(8, 4)])]]
+    write_shard_set(jpeg_dir, AutoTokenizer.from_pretrained(tiny_model_dir), layout, "j", "jpg")
+    loader = TrainLoader(
+        [shard_dir, jpeg_dir], rank=0, world_size=1, micro_batch=2, grad_accum=1, max_tokens=MAX_TOKENS,
+        seed=3, processor=processor, num_workers=0, max_epochs=1,
+    )  # fmt: skip
+    normaliser = PixelNormaliser(processor.image_processor)
+    refs = {loader.catalog.display_key(i): loader.catalog.refs[i] for i in range(len(loader.catalog))}
+
+    def images_of(key: str) -> list[Any]:
+        ref = refs[key]
+        return read_sample(ref.shard_path, ref.offset, ref.num_bytes)["images"]
+
+    formats: set[str] = set()
+    most_in_a_row = 0
+    for item in loader:
+        (batch,) = item.micro_batches
+        if batch.pixel_values is None:
+            continue
+        images = []
+        for keys in batch.keys:
+            in_row = [image for key in keys for image in images_of(key)]
+            most_in_a_row = max(most_in_a_row, len(in_row))
+            images += in_row
+        formats |= {image.format for image in images}
+        expected = processor.image_processor(images=images, do_resize=False, return_tensors="pt")
+        assert batch.image_grid_thw.tolist() == expected["image_grid_thw"].tolist()
+        assert torch.equal(normaliser(batch.pixel_values), expected["pixel_values"])
+    assert formats == {"PNG", "JPEG"} and most_in_a_row >= 2
 
 
 def test_corrupt_samples_are_skipped_counted_logged_and_the_step_still_happens(
