@@ -277,8 +277,8 @@ def _image_ref(value: Any, base_dir: str | None, allow_outside_root: bool = Fals
             return bytes(data)
         value = value.get("path") or value.get("url") or value.get("image")
         return None if value is None else _image_ref(value, base_dir, allow_outside_root)
-    if isinstance(value, str):
-        return _resolve_path(value, base_dir, allow_outside_root)
+    if isinstance(value, str | os.PathLike):  # a PathLike from Python callers (trainer.api)
+        return _resolve_path(os.fspath(value), base_dir, allow_outside_root)
     from PIL import Image
 
     if isinstance(value, Image.Image):

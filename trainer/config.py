@@ -24,6 +24,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -586,31 +587,35 @@ def _apply(config: TrainConfig, key: str, value: Any, source: str) -> None:
 
 
 def load_config(
-    config_file: str | os.PathLike[str] | None = None,
+    config_file: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> TrainConfig:
     """Build a ``TrainConfig``: defaults -> YAML file -> overrides (argv list or {dotted key: value}).
 
-    Raises ``ConfigError`` (a ``ValueError``) with a one-line message on any user error.
+    ``config_file`` may also be a mapping shaped like the YAML file, or a ``TrainConfig`` (copied)
+    (see :func:`build_config`). Raises ``ConfigError`` (a ``ValueError``) with a one-line message on
+    any user error.
     """
-    config = TrainConfig()
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            first = str(err).splitlines()[0] if str(err) else "parse error"
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of config groups")
-        source = str(path)
-        nested = {k: v for k, v in data.items() if isinstance(v, dict) or k not in ALIASES}
-        _merge(config, nested, source)
-        for key, value in data.items():
-            if key in ALIASES and not isinstance(value, dict) and key not in nested:
-                _apply(config, key, value, source)
+    config = build_config(config_file, overrides)
+    validate(config)
+    return config
+
+
+def build_config(
+    base: str | os.PathLike[str] | Mapping[str, Any] | TrainConfig | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> TrainConfig:
+    """:func:`load_config` without :func:`validate`, for callers that fill in more before validating
+    (the Python API sets ``data.source`` from a list of conversations). ``base``: a YAML file, a mapping
+    of the same shape, or a ``TrainConfig`` (copied, never changed)."""
+    if isinstance(base, TrainConfig):
+        config = copy.deepcopy(base)
+    else:
+        config = TrainConfig()
+        if isinstance(base, Mapping):
+            _merge_document(config, dict(base), "the config mapping")
+        elif base:
+            _merge_document(config, _read_yaml(Path(base)), str(base))
     items: list[tuple[str, Any]]
     if overrides is None:
         items = []
@@ -620,8 +625,29 @@ def load_config(
         items = parse_overrides(list(overrides))
     for key, value in items:
         _apply(config, key, value, "overrides" if isinstance(overrides, dict) else "command line")
-    validate(config)
     return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else "parse error"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of config groups")
+    return data
+
+
+def _merge_document(config: TrainConfig, data: dict[str, Any], source: str) -> None:
+    """A config file's content: nested groups, and HF-style flat aliases at the top level."""
+    nested = {k: v for k, v in data.items() if isinstance(v, dict) or k not in ALIASES}
+    _merge(config, nested, source)
+    for key, value in data.items():
+        if key in ALIASES and not isinstance(value, dict) and key not in nested:
+            _apply(config, key, value, source)
 
 
 def validate(config: TrainConfig) -> None:

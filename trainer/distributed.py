@@ -86,7 +86,11 @@ def teardown() -> None:
     may be dead or inside another collective (docs/DESIGN.md §9)."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        import deepspeed.comm
+
+        # DeepSpeed's destroy also drops the groups DeepSpeed cached (a clone of the world group):
+        # torch's alone leaves them dangling, and the next run in this process fails on them.
+        deepspeed.comm.destroy_process_group()
 
 
 def _reduce_device() -> torch.device:

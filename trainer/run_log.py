@@ -79,6 +79,12 @@ class MetricsWriter:
             self.wandb.finish()
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (a run's metrics.jsonl, a build's rejects.jsonl)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def start_wandb(
     output_dir: Path, logging: LoggingConfig, run_config: dict[str, Any] | None, resuming: bool
 ) -> Any:

@@ -17,6 +17,7 @@ from trainer.config import (
     ConfigError,
     TrainConfig,
     _all_keys,
+    build_config,
     build_deepspeed_config,
     check_paths,
     config_hash,
@@ -46,6 +47,21 @@ def test_every_field_has_a_docstring() -> None:
         idx = [i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:")]
         assert idx, key
         assert any(lines[i + 1].strip().startswith('"""') for i in idx), f"{key} has no docstring"
+
+
+def test_a_mapping_or_a_config_object_loads_like_the_yaml_file(tmp_path: Path) -> None:
+    data = {"schedule": {"micro_batch_size": 3}, "learning_rate": 1e-3, "model": {"name_or_path": "/m"}}
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(data))
+    overrides = {"data.train": "/d", "gradient_accumulation_steps": 4}
+    from_file = load_config(cfg_file, overrides)
+    assert from_file.optim.lr == 1e-3 and from_file.schedule.micro_batch_size == 3
+    assert load_config(data, overrides) == from_file
+    base = build_config(cfg_file)  # not validated: no data yet
+    assert load_config(base, overrides) == from_file
+    assert base.schedule.grad_accum_steps == 2 and base.data.train == []  # copied, never changed
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' in the config mapping"):
+        load_config({"optim": {"lrr": 1}})
 
 
 def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
