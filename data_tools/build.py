@@ -116,6 +116,19 @@ def encode_conversation(
     return shards.EncodedSample(json=sample_json, images=[(p.ext, p.data) for p in processed])
 
 
+class _PreparedSample(shards.EncodedSample):
+    """A sample whose tar members (its JSON serialised) are made once, in the worker: the main
+    process writes every shard alone and asks for the members twice (`tar_bytes`, `write_shard`),
+    so serialising there capped how many workers the pool could keep busy."""
+
+    def __init__(self, sample: shards.EncodedSample) -> None:
+        super().__init__(json=sample.json, images=sample.images)
+        self._members = super().members()
+
+    def members(self) -> list[tuple[str, bytes]]:
+        return self._members
+
+
 def _process(task: tuple[int, str, Any]) -> tuple[int, shards.EncodedSample | None, dict[str, Any] | None]:
     """Worker entry: `(position, key, row)` -> `(position, sample, None)` or `(position, None, reject)`."""
     position, key, row = task
@@ -130,7 +143,7 @@ def _process(task: tuple[int, str, Any]) -> tuple[int, shards.EncodedSample | No
             allow_outside_root=settings.allow_outside_root,
         )
         source_id = conv.source_id
-        sample = encode_conversation(conv, key, _WORKER["tokenizer"], settings)
+        sample = _PreparedSample(encode_conversation(conv, key, _WORKER["tokenizer"], settings))
         return position, sample, None
     except (SampleError, images_mod.ImageError) as e:
         return position, None, {"key": key, "source_id": source_id, "reason": e.reason, "detail": str(e)}

@@ -1,4 +1,5 @@
-"""Every source format through `build`, every rejection reason, user errors, settings and CLI defaults.
+"""Every source format through `build`, every rejection reason, user errors, settings, CLI defaults
+and the resume check of finished shards.
 
 Resume after a kill and reproducibility across worker counts: tests/integration/data_tools/."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from data_tools import shards, sources
 from data_tools.__main__ import main as cli
 from data_tools.build import run_build
 from data_tools.errors import BuildError
+from data_tools.output_dir import load_finished
 from data_tools.settings import BuildSettings, with_model_pixels
 
 
@@ -313,6 +316,22 @@ def test_build_settings_validate_and_cli_defaults(tmp_path: Path, tiny_model_dir
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes(), name
 
 
+def _interrupted_build(monkeypatch: pytest.MonkeyPatch, num_shards: int, *args: Any) -> None:
+    """`_build(*args)` stopped by a KeyboardInterrupt as it starts shard `num_shards`."""
+    real_write_shard = shards.write_shard
+    written: list[Path] = []
+
+    def write_shard(path: Path, samples: Any) -> Any:
+        if len(written) == num_shards:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real_write_shard(path, samples)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(shards, "write_shard", write_shard)
+        _build(*args)
+
+
 def test_changed_source_is_refused_and_force_rebuilds(
     tmp_path: Path,
     tiny_model_dir: Path,
@@ -323,19 +342,7 @@ def test_changed_source_is_refused_and_force_rebuilds(
     src, out = tmp_path / "d.jsonl", tmp_path / "o"
     write_text_rows(src, 6)
     # Interrupt a build after its first shard, then change the source (one row more): no resume.
-    real_write_shard = shards.write_shard
-    written: list[Path] = []
-
-    def write_one_shard(path: Path, samples: Any) -> Any:
-        if written:
-            raise KeyboardInterrupt
-        written.append(path)
-        return real_write_shard(path, samples)
-
-    monkeypatch.setattr(shards, "write_shard", write_one_shard)
-    with pytest.raises(KeyboardInterrupt):
-        _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2")
-    monkeypatch.setattr(shards, "write_shard", real_write_shard)
+    _interrupted_build(monkeypatch, 1, str(src), out, tiny_model_dir, "--samples-per-shard", "2")
     write_text_rows(src, 7)
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2") == 1
     err = capsys.readouterr().err
@@ -373,3 +380,41 @@ def test_other_layout_in_output_is_refused_or_replaced(
     assert _build(str(src), out, tiny_model_dir, "--force") == 0
     assert not (out / "train" / "index.json").exists() and not (out / "test" / "shard-000000.tar").exists()
     assert shards.read_index(out)["num_samples"] == 8 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_checks_finished_shards_without_hashing(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_text_rows: Callable[..., None],
+) -> None:
+    src, out, clean = tmp_path / "d.jsonl", tmp_path / "o", tmp_path / "clean"
+    write_text_rows(src, 30)
+    per_shard = ("--samples-per-shard", "6")
+    assert _build(str(src), clean, tiny_model_dir, *per_shard) == 0
+    _interrupted_build(monkeypatch, 4, str(src), out, tiny_model_dir, *per_shard)
+    names = [shards.SHARD_PATTERN.format(i) for i in range(5)]
+    hashed: list[str] = []
+    real_sha256 = shards.file_sha256
+
+    def counted_sha256(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real_sha256(path)
+
+    monkeypatch.setattr(shards, "file_sha256", counted_sha256)
+    assert [r["entry"]["name"] for r in load_finished(out)] == names[:4] and hashed == []
+    # Shard 3 truncated, then the JSON of shard 2's last sample (always among those read back) broken.
+    os.truncate(out / names[3], (out / names[3]).stat().st_size - shards.TAR_BLOCK)
+    assert len(load_finished(out)) == 3
+    last = shards.read_index(clean)["shards"][2]["samples"][-1]
+    with open(out / names[2], "r+b") as f:
+        f.seek(last["offset"] + shards.TAR_BLOCK)  # the member's data, after its header
+        f.write(b"x")
+    assert len(load_finished(out)) == 2
+    kept = {name: (out / name).stat().st_mtime_ns for name in names[:2]}
+    assert _build(str(src), out, tiny_model_dir, *per_shard) == 0
+    assert {name: (out / name).stat().st_mtime_ns for name in names[:2]} == kept
+    assert hashed == names[2:]  # only the shards this run wrote
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for p in clean.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name

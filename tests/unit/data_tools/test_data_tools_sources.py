@@ -124,6 +124,23 @@ def test_indexing_memory_is_bounded(tmp_path: Path) -> None:
         assert peak < 5 * json_rows.CHUNK_BYTES, name  # a few chunks, not the 20 MB file
 
 
+def test_reading_rows_holds_one_row_at_a_time(tmp_path: Path) -> None:
+    line = _write_rows(tmp_path, 10_000, 2_000)  # 20 MB of 10 kB rows
+    expected = json.loads(line)
+    for name in ("rows.jsonl", "rows.json"):
+        tracemalloc.start()
+        try:
+            rows = sources.open_source(str(tmp_path / name)).splits["train"]  # what the build reads
+            held = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            assert sum(1 for row in rows if row == expected) == 2_000
+            peak = tracemalloc.get_traced_memory()[1] - held
+        finally:
+            tracemalloc.stop()
+        assert held < 64 * 2_000, (name, held)  # the offset index (24 bytes a row), no rows
+        assert peak < 8 * len(line), (name, peak)  # one row's bytes, text and value: not the file
+
+
 # ------------------------------------------------------------------------------- JSON
 
 
