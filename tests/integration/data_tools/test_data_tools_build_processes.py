@@ -18,6 +18,7 @@ from launch_helpers import REPO, child_env
 
 from data_tools import shards
 from data_tools.__main__ import main as cli
+from data_tools.index import read_index
 from data_tools.synth import SynthSettings, run_synth, synth_build_settings
 
 
@@ -40,7 +41,7 @@ def test_reproducible_across_workers_and_readable(tmp_path: Path, tiny_model_dir
                 tmp_path / "b" / split / name
             ).read_bytes(), name
     train = tmp_path / "a" / "train"
-    assert len(shards.read_index(train)["shards"]) == 3
+    assert len(read_index(train)["shards"]) == 3
     with tarfile.open(train / "shard-000000.tar") as tar:
         names = tar.getnames()
     assert names[:2] == ["train-000000000.json", "train-000000000.0.png"]
