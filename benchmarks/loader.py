@@ -34,6 +34,7 @@ from PIL import Image
 
 from data_tools import shards
 from data_tools.images import process_image
+from data_tools.index import make_index, write_index
 from data_tools.samples import tokenize_conversation, tokenizer_info
 from trainer.assets import load_processor
 from trainer.data import Planner, PlanSpec, TrainLoader, load_catalog
@@ -109,7 +110,7 @@ def write_documents(directory: Path, tokenizer: Any, num_samples: int, per_shard
             for i in range(start, min(num_samples, start + per_shard))
         ]
         entries.append(shards.write_shard(directory / shards.SHARD_PATTERN.format(shard_id), samples))
-    shards.write_index(directory, shards.make_index(entries, tokenizer_info(tokenizer, "bench"), {}))
+    write_index(directory, *make_index(entries, tokenizer_info(tokenizer, "bench"), {}))
 
 
 README_MAX_PIXELS = 1_003_520
@@ -132,7 +133,7 @@ def write_pages(
     rng = np.random.default_rng(0)
     samples = [qa_sample(tokenizer, f"page{i:06d}", [jpeg], [grid], rng) for i in range(num_samples)]
     entry = shards.write_shard(directory / shards.SHARD_PATTERN.format(0), samples)
-    shards.write_index(directory, shards.make_index([entry], tokenizer_info(tokenizer, "bench"), {}))
+    write_index(directory, *make_index([entry], tokenizer_info(tokenizer, "bench"), {}))
 
 
 def loader_vs_decode(
@@ -208,7 +209,7 @@ def packing_vs_padding(
         for i, n in enumerate(lengths)
     ]  # fmt: skip
     entry = {"name": "shard-000000.tar", "num_bytes": 0, "sha256": "", "samples": samples}
-    shards.write_index(directory, shards.make_index([entry], {"fingerprint": None, "name_or_path": ""}, {}))
+    write_index(directory, *make_index([entry], {"fingerprint": None, "name_or_path": ""}, {}))
     start = time.perf_counter()
     planner = Planner(load_catalog([directory]), PlanSpec((1.0,), 0, max_tokens, micro_batch, window=window))
     plan = planner.plan(0)

@@ -11,23 +11,41 @@ import sys
 
 from data_tools.errors import BuildError
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("data_tools.build", "Build pre-tokenised WebDataset shards + index.json from a dataset"),
-    "verify": ("data_tools.report", "Check every sample of a shard set against its index.json"),
-    "inspect": ("data_tools.report", "Summary table and token-length histogram of a shard set"),
-    "synth": ("data_tools.synth", "Render the synthetic demo dataset (shapes, colours, labels) as shards"),
+# name -> (module, entry function, help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "build": (
+        "data_tools.build",
+        "main",
+        "Build pre-tokenised WebDataset shards + index.json from a dataset",
+    ),
+    "verify": (
+        "data_tools.report",
+        "verify_main",
+        "Check every sample of a shard set against its index.json",
+    ),
+    "inspect": ("data_tools.report", "main", "Summary table and token-length histogram of a shard set"),
+    "synth": (
+        "data_tools.synth",
+        "main",
+        "Render the synthetic demo dataset (shapes, colours, labels) as shards",
+    ),
+    "upgrade-index": (
+        "data_tools.report",
+        "upgrade_main",
+        "Rewrite an older shard set's index.json in place (tars kept)",
+    ),
 }
 
 
 def usage() -> str:
     """The command list."""
     lines = ["usage: python -m data_tools COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<13} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to `data_tools.<module>.main(argv)` (`verify` goes to `report.verify_main`)."""
+    """Dispatch to the command's entry function, `data_tools.<module>.<entry>(argv)`."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -36,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    entry = module.verify_main if command == "verify" else module.main
+    module_name, entry_name, _ = COMMANDS[command]
+    entry = getattr(importlib.import_module(module_name), entry_name)
     try:
         return int(entry(rest) or 0)
     except BuildError as err:

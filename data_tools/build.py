@@ -29,6 +29,7 @@ from data_tools import images as images_mod
 from data_tools import shards
 from data_tools.errors import BuildError
 from data_tools.fileio import atomic_write_text
+from data_tools.index import INDEX_NAME, make_index, read_index, write_index
 from data_tools.output_dir import (
     STATE_DIR,
     claim_directory,
@@ -352,8 +353,8 @@ def build_split(
     """Build (or resume, or skip when complete) the shard set of one split in `directory`."""
     start = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
-    if (directory / shards.INDEX_NAME).is_file():
-        index = shards.read_index(directory)
+    if (directory / INDEX_NAME).is_file():
+        index = read_index(directory)
         if index.get("build") == build_info and index["tokenizer"]["fingerprint"] == tok_info["fingerprint"]:
             result = result_from_index(name, directory, index)
             result.skipped = True
@@ -388,10 +389,9 @@ def build_split(
     if len(cutter.rejects) / total > settings.max_reject_fraction or not cutter.entries:
         raise BuildError(_too_many_rejects(name, len(cutter.rejects), total, settings, directory))
     reject_counts = Counter(r["reason"] for r in cutter.rejects)
-    index = shards.make_index(cutter.entries, tok_info, build_info, extra_index)
-    index["num_rejected"] = len(cutter.rejects)
-    index["rejects"] = dict(sorted(reject_counts.items()))
-    shards.write_index(directory, index)  # last: its presence marks the split complete
+    rejects = {"num_rejected": len(cutter.rejects), "rejects": dict(sorted(reject_counts.items()))}
+    index, table = make_index(cutter.entries, tok_info, build_info, {**(extra_index or {}), **rejects})
+    write_index(directory, index, table)  # last: its presence marks the split complete
     shutil.rmtree(directory / STATE_DIR, ignore_errors=True)
 
     result = result_from_index(name, directory, index)

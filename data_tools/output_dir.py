@@ -17,6 +17,7 @@ from typing import Any
 from data_tools import shards
 from data_tools.errors import BuildError
 from data_tools.fileio import atomic_write_text
+from data_tools.index import COLUMNS_PREFIX, INDEX_NAME
 
 STATE_DIR = ".build"
 RESUME_CHECK_SAMPLES = 4  # samples of each finished shard read back when a build resumes
@@ -44,7 +45,7 @@ def _shard_looks_intact(directory: Path, entry: dict[str, Any]) -> bool:
         if tar.stat().st_size != entry["num_bytes"]:
             return False
         for s in _checked_samples(entry["samples"]):
-            if shards._check_sample(shards.read_sample(tar, s["offset"], s["num_bytes"]), s, entry["name"]):
+            if shards.check_sample(shards.read_sample(tar, s["offset"], s["num_bytes"]), s, entry["name"]):
                 return False
     except Exception:  # any failure to read it back (missing file, tar, JSON, UTF-8, image codecs)
         return False
@@ -96,7 +97,7 @@ def what_changed(recorded: dict[str, Any], build_info: dict[str, Any]) -> str:
 def _holds_shard_set(directory: Path) -> bool:
     """Whether `directory` holds a shard set, complete or interrupted (what `--force` removes)."""
     return directory.is_dir() and any(
-        p.name in (shards.INDEX_NAME, STATE_DIR) or shards.SHARD_RE.match(p.name) for p in directory.iterdir()
+        p.name in (INDEX_NAME, STATE_DIR) or shards.SHARD_RE.match(p.name) for p in directory.iterdir()
     )
 
 
@@ -105,10 +106,10 @@ def _remove_shard_set(directory: Path) -> None:
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        if (
-            p.name in (shards.INDEX_NAME, shards.REJECTS_NAME)
-            or shards.SHARD_RE.match(p.name)
-            or ".tmp-" in p.name
+        if p.is_dir() and (p.name.startswith(COLUMNS_PREFIX) or ".tmp-" in p.name):
+            shutil.rmtree(p)  # the sample columns (or a writer's unfinished staging folder)
+        elif (
+            p.name in (INDEX_NAME, shards.REJECTS_NAME) or shards.SHARD_RE.match(p.name) or ".tmp-" in p.name
         ):
             p.unlink()
     shutil.rmtree(directory / STATE_DIR, ignore_errors=True)
@@ -143,7 +144,9 @@ def discard_unfinished(directory: Path, finished: list[dict[str, Any]]) -> None:
     """Remove what an interrupted run wrote after its last intact shard (tars, temp files, records)."""
     keep = {r["entry"]["name"] for r in finished}
     for p in directory.iterdir():
-        if (shards.SHARD_RE.match(p.name) and p.name not in keep) or ".tmp-" in p.name:
+        if p.is_dir() and (p.name.startswith(COLUMNS_PREFIX) or ".tmp-" in p.name):
+            shutil.rmtree(p)  # columns written just before a crash, without their index.json
+        elif (shards.SHARD_RE.match(p.name) and p.name not in keep) or ".tmp-" in p.name:
             p.unlink()
     for p in (directory / STATE_DIR).glob("shard-*.json"):
         if int(p.stem.split("-")[1]) >= len(finished):

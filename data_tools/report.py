@@ -15,6 +15,7 @@ from typing import Any
 
 from data_tools import shards
 from data_tools.errors import BuildError
+from data_tools.index import INDEX_NAME, INDEX_VERSION, read_index, read_table, upgrade_index
 
 
 @dataclass
@@ -41,7 +42,7 @@ def result_from_index(name: str, directory: Path, index: dict[str, Any]) -> Spli
         directory=directory,
         num_samples=index["num_samples"],
         num_images=index["num_images"],
-        token_lengths=[s["num_tokens"] for sh in index["shards"] for s in sh["samples"]],
+        token_lengths=read_table(directory, index).num_tokens.tolist(),
         rejects=Counter(index.get("rejects", {})),
         num_shards=len(index["shards"]),
         num_bytes=sum(sh["num_bytes"] for sh in index["shards"]),
@@ -101,7 +102,7 @@ def summary_table(results: list[SplitResult]) -> str:
 
 def split_dirs(directory: Path) -> list[Path]:
     """`directory` itself when it holds a shard set, else its sub-folders that do (train/, test/, ...)."""
-    if (directory / shards.INDEX_NAME).is_file() or any(directory.glob("shard-*.tar")):
+    if (directory / INDEX_NAME).is_file() or any(directory.glob("shard-*.tar")):
         return [directory]
     subs = (
         sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -154,7 +155,7 @@ def main(argv: list[str]) -> int:
     results = []
     for d in split_dirs(Path(args.directory)):
         try:
-            index = shards.read_index(d)
+            index = read_index(d)
         except ValueError as e:  # a missing or foreign index.json: the user's input, not a bug
             raise BuildError(str(e)) from e
         results.append(result_from_index(d.name, d, index))
@@ -189,6 +190,25 @@ def verify_main(argv: list[str]) -> int:
             print(f"{d}: {p}", file=sys.stderr)
         num_problems += len(problems)
         if not problems:
-            index = shards.read_index(d)
+            index = read_index(d)
             print(f"{d}: ok ({index['num_samples']} samples, {len(index['shards'])} shards)")
     return 1 if num_problems else 0
+
+
+def upgrade_main(argv: list[str]) -> int:
+    """`python -m data_tools upgrade-index DIR [DIR ...]`: upgrade older shard sets' indexes in place."""
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools upgrade-index",
+        description="Rewrite the index.json of shard sets built by an older data_tools as this version's "
+        "index (sample columns + summary), in place and atomically; the tars are not touched.",
+    )
+    parser.add_argument("directories", nargs="+", help="shard sets (or folders of split shard sets)")
+    args = parser.parse_args(argv)
+    for top in args.directories:
+        for directory in split_dirs(Path(top)):
+            try:
+                upgraded = upgrade_index(directory)
+            except ValueError as e:  # a missing or foreign index.json: the message names the fix
+                raise BuildError(str(e)) from e
+            print(f"{directory}: {'upgraded to' if upgraded else 'already at'} index version {INDEX_VERSION}")
+    return 0

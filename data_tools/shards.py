@@ -1,4 +1,4 @@
-"""Atomic WebDataset shard writer, `index.json`, reader by byte offset, and `verify`.
+"""Atomic WebDataset shard writer, reader by byte offset, and `verify` (the index: `data_tools.index`).
 
 Format (docs/CONTRACTS.md, "Shard set"): each sample is a contiguous group of tar members
 `KEY.json`, `KEY.0.jpg`, `KEY.1.jpg`, ... with fixed metadata (mtime 0, uid/gid 0, empty names),
@@ -14,19 +14,18 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from data_tools.fileio import atomic_write_text, fsync_dir, temporary_path
+from data_tools.fileio import fsync_dir, temporary_path
 from data_tools.images import decode_stored_image
+from data_tools.index import COLUMNS_PREFIX, read_index, read_table
 
-INDEX_FORMAT = "qwen3vl-mdlm-shards"
-INDEX_VERSION = 1
-INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
@@ -193,66 +192,18 @@ def read_sample(shard_path: str | os.PathLike[str], offset: int, num_bytes: int)
     return decode_sample_bytes(raw)
 
 
-def summarize_shards(shards: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """Totals `num_samples`, `num_tokens`, `num_images` over index shard entries."""
-    num_samples = num_tokens = num_images = 0
-    for shard in shards:
-        for s in shard["samples"]:
-            num_samples += 1
-            num_tokens += int(s["num_tokens"])
-            num_images += int(s["num_images"])
-    return {"num_samples": num_samples, "num_tokens": num_tokens, "num_images": num_images}
-
-
-def make_index(
-    shards: list[dict[str, Any]],
-    tokenizer_info: dict[str, Any],
-    build: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Assemble an `index.json` dict (CONTRACTS.md) from shard entries; `extra` adds top-level keys."""
-    index: dict[str, Any] = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "tokenizer": tokenizer_info}
-    index["build"] = build
-    index.update(summarize_shards(shards))
-    index["shards"] = shards
-    if extra:
-        index.update(extra)
-    return index
-
-
-def write_index(directory: str | os.PathLike[str], index: dict[str, Any]) -> None:
-    """Write `DIR/index.json` atomically (the last file of a build)."""
-    text = json.dumps(index, ensure_ascii=False, indent=1, sort_keys=False)
-    atomic_write_text(Path(directory) / INDEX_NAME, text + "\n")
-
-
-def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and sanity-check `DIR/index.json`; raise `ValueError` with a clear message if absent/invalid."""
-    path = Path(directory) / INDEX_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"{path} not found: {directory} is not a complete shard set (build it, or re-run build)"
-        )
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run the build") from e
-    if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
-        raise ValueError(
-            f"{path}: format {index.get('format')!r} v{index.get('version')!r} is not "
-            f"{INDEX_FORMAT!r} v{INDEX_VERSION}; rebuild with this version of data_tools"
-        )
-    return index
-
-
 def check_files(directory: str | os.PathLike[str], index: dict[str, Any] | None = None) -> list[str]:
-    """A fast check that the shard files still match `index.json` (what every rank runs at start):
-    each listed shard exists with its recorded size and its first sample's tar header at the recorded
+    """A fast check that the shard files still match the index (what every rank runs at start): each
+    listed shard exists with its recorded size and its first sample's tar header at the recorded
     offset names that sample. `verify` is the full check (every sample, hashes)."""
     directory = Path(directory)
     index = read_index(directory) if index is None else index
+    try:
+        table = read_table(directory, index)
+    except ValueError as e:
+        return [str(e)]
     problems = []
-    for shard in index.get("shards", []):
+    for shard_id, shard in enumerate(index.get("shards", [])):
         path = directory / shard["name"]
         try:
             size = path.stat().st_size
@@ -262,19 +213,19 @@ def check_files(directory: str | os.PathLike[str], index: dict[str, Any] | None 
         if size != shard["num_bytes"]:
             problems.append(f"{shard['name']} has {size} bytes, index.json says {shard['num_bytes']}")
             continue
-        if shard["samples"]:
-            first = shard["samples"][0]
+        if shard["num_samples"]:
+            first = int(table.shard_start[shard_id])
+            key, offset = table.key_of(first), int(table.offset[first])
             with open(path, "rb") as f:
-                f.seek(first["offset"])
+                f.seek(offset)
                 name = f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
-            if name.partition(".")[0] != first["key"]:
-                problems.append(
-                    f"{shard['name']}: the tar at offset {first['offset']} holds {name!r}, not {first['key']}"
-                )
+            if name.partition(".")[0] != key:
+                problems.append(f"{shard['name']}: the tar at offset {offset} holds {name!r}, not {key}")
     return problems
 
 
-def _check_sample(sample: dict[str, Any], entry: dict[str, Any], where: str) -> list[str]:
+def check_sample(sample: dict[str, Any], entry: dict[str, Any], where: str) -> list[str]:
+    """Problems of one read-back sample against its index entry (empty = it is what the index says)."""
     problems = []
     j = sample["json"]
     ids, mask = j.get("input_ids", []), j.get("answer_mask", [])
@@ -326,12 +277,22 @@ def verify(
     for p in sorted(directory.iterdir()):
         if (SHARD_RE.match(p.name) and p.name not in listed) or ".tmp-" in p.name:
             problems.append(f"{p.name}: not listed in index.json (left over from an interrupted build)")
-    totals = summarize_shards(index["shards"])
+        elif p.name.startswith(COLUMNS_PREFIX) and p.name != index.get("columns"):
+            problems.append(f"{p.name}: a sample-column folder index.json does not name (a leftover)")
+    try:
+        table = read_table(directory, index)
+    except ValueError as e:
+        return [*problems, str(e)]
+    totals = {
+        "num_samples": len(table),
+        "num_tokens": int(table.num_tokens.sum(dtype=np.int64)),
+        "num_images": len(table.image_grid_thw),
+    }
     for k, v in totals.items():
         if index.get(k) != v:
-            problems.append(f"index {k} = {index.get(k)} but the shards list {v}")
+            problems.append(f"index {k} = {index.get(k)} but the sample columns hold {v}")
     keys: set[str] = set()
-    for shard in index["shards"]:
+    for shard_id, shard in enumerate(index["shards"]):
         path = directory / shard["name"]
         if not path.is_file():
             problems.append(f"{shard['name']}: missing")
@@ -342,8 +303,9 @@ def verify(
             continue
         if check_hashes and file_sha256(path) != shard["sha256"]:
             problems.append(f"{shard['name']}: sha256 differs from index")
-        problems += _check_tar_layout(path, shard)
-        for entry in shard["samples"]:
+        entries = table.shard_entries(shard_id)
+        problems += _check_tar_layout(path, shard["name"], entries)
+        for entry in entries:
             where = f"{shard['name']}:{entry['key']}"
             if entry["key"] in keys:
                 problems.append(f"{where}: duplicate key")
@@ -353,11 +315,11 @@ def verify(
             except (OSError, ValueError, tarfile.TarError, Image.UnidentifiedImageError) as e:
                 problems.append(f"{where}: unreadable at offset {entry['offset']} ({e})")
                 continue
-            problems += _check_sample(sample, entry, where)
+            problems += check_sample(sample, entry, where)
     return problems
 
 
-def _check_tar_layout(path: Path, shard: dict[str, Any]) -> list[str]:
+def _check_tar_layout(path: Path, name: str, entries: list[dict[str, Any]]) -> list[str]:
     """Walk the tar from the start: sample groups, in order, at the offsets the index gives."""
     groups: list[tuple[str, int]] = []
     try:
@@ -367,8 +329,8 @@ def _check_tar_layout(path: Path, shard: dict[str, Any]) -> list[str]:
                 if not groups or groups[-1][0] != key:
                     groups.append((key, info.offset))
     except (OSError, tarfile.TarError) as e:
-        return [f"{shard['name']}: not a readable tar ({e})"]
-    want = [(s["key"], s["offset"]) for s in shard["samples"]]
+        return [f"{name}: not a readable tar ({e})"]
+    want = [(s["key"], s["offset"]) for s in entries]
     if groups != want:
-        return [f"{shard['name']}: tar holds samples {groups[:3]}... but index lists {want[:3]}..."]
+        return [f"{name}: tar holds samples {groups[:3]}... but index lists {want[:3]}..."]
     return []

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools import shards
+from data_tools.index import make_index, write_index
 from data_tools.samples import tokenize_conversation, tokenizer_info
 
 SampleSpec = tuple[int, Sequence[tuple[int, int]]]
@@ -76,8 +77,8 @@ def write_shard_set(
             samples.append(make_sample(tokenizer, key, num_words, grids, image_format))
             keys.append(key)
         entries.append(shards.write_shard(directory / shards.SHARD_PATTERN.format(shard_id), samples))
-    index = shards.make_index(
-        entries, tokenizer_info(tokenizer, "tiny"), {"source": "tests/loader_shards.py"}
+    write_index(
+        directory,
+        *make_index(entries, tokenizer_info(tokenizer, "tiny"), {"source": "tests/loader_shards.py"}),
     )
-    shards.write_index(directory, index)
     return keys

@@ -26,6 +26,7 @@ from typing import Any
 
 from data_tools.errors import BuildError
 from data_tools.fileio import atomic_write_text
+from data_tools.index import INDEX_VERSION
 from data_tools.settings import BuildSettings, source_files, with_model_pixels
 from trainer.config import ConfigError, TrainConfig
 from trainer.distributed import env_rank
@@ -73,6 +74,7 @@ def cache_folder(config: TrainConfig, tokenizer_fingerprint: str) -> Path:
         "slice": [data.limit_train, data.limit_test],
         "tokenizer": tokenizer_fingerprint,
         "build": dataclasses.asdict(build_settings(config)),
+        "index_version": INDEX_VERSION,  # a cache of an older index format is built anew, not misread
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec.rstrip("/")).name or "dataset")[:60]

@@ -70,14 +70,15 @@ def load_eval_samples(
     shard_dir: str | Path, processor: Any, *, limit: int = 0, eos_token_id: int
 ) -> tuple[list[EvalSample], dict[str, Any]]:
     """Read held-out samples of one shard set (the first `limit`, 0 = all) and its index.json."""
-    from data_tools.shards import read_index, read_sample
+    from data_tools.index import read_index
+    from data_tools.shards import read_sample
     from trainer.data import load_catalog
 
     index = read_index(Path(shard_dir))
     catalog = load_catalog([shard_dir], limit)
     synth_tasks = index.get("synth", {}).get("tasks", {})
     samples = []
-    for ref in catalog.refs:
+    for ref in map(catalog.ref, range(len(catalog))):
         raw = read_sample(ref.shard_path, ref.offset, ref.num_bytes)
         sample = raw["json"]
         input_ids, answer_mask = sample["input_ids"], sample["answer_mask"]
@@ -349,7 +350,7 @@ def format_table(reports: dict[str, dict[str, Any]]) -> str:
 def note_image_size(shard_dir: Path, min_pixels: int | None, max_pixels: int | None) -> None:
     """Say so when the held-out images were sized otherwise than the model's input (shard images are
     used as stored: the model then sees another resolution than it trained on)."""
-    from data_tools.shards import read_index
+    from data_tools.index import read_index
 
     build = read_index(shard_dir).get("build", {})
     for name, wanted in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):

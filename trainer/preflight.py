@@ -58,8 +58,9 @@ def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
 
 def check_shard_sets(config: TrainConfig) -> None:
     """Every shard set the run reads: files as `index.json` lists them, built with the model's tokenizer."""
+    from data_tools.index import read_index
     from data_tools.samples import load_tokenizer, tokenizer_fingerprint
-    from data_tools.shards import check_files, read_index
+    from data_tools.shards import check_files
     from trainer.data import parse_shard_specs
 
     dirs, _ = parse_shard_specs(config.data.train)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data_tools.fileio import atomic_write_text
 from trainer.config import TrainConfig
 
@@ -35,19 +37,20 @@ FLAGS = ("shift", "max_new_tokens", "block_size", "min_pixels", "max_pixels")
 """The command-line flags a run's settings fill (argparse dest names)."""
 
 
-def suggested_canvas(answer_lengths: Sequence[int], block_size: int = BLOCK_SIZE) -> int:
+def suggested_canvas(answer_lengths: Sequence[int] | np.ndarray, block_size: int = BLOCK_SIZE) -> int:
     """The 99th percentile (nearest rank) of the answer lengths, rounded up to whole blocks, at
     least one block: long enough for nearly every answer the model was trained on."""
-    if not answer_lengths:
+    lengths = np.asarray(answer_lengths)
+    if not len(lengths):
         return block_size
-    ordered = sorted(answer_lengths)
-    p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+    rank = max(0, math.ceil(0.99 * len(lengths)) - 1)
+    p99 = int(np.partition(lengths, rank)[rank])  # the rank-th smallest, without a full sort
     return max(block_size, -(-p99 // block_size) * block_size)
 
 
 def generation_settings(config: TrainConfig) -> dict[str, Any]:
     """The settings of a run, from its config and the ``index.json`` of its training shard sets."""
-    from data_tools.shards import read_index
+    from data_tools.index import read_index, read_table
     from trainer.data import parse_shard_specs
 
     dirs, _ = parse_shard_specs(config.data.train)
@@ -62,12 +65,9 @@ def generation_settings(config: TrainConfig) -> dict[str, Any]:
                 f"the training shard sets disagree on {key} ({', '.join(map(str, values))}); "
                 f"the first set's {values[0]} ({dirs[0]}) is recorded"
             )
-    answer_lengths = [
-        int(sample["num_answer_tokens"])
-        for index in indexes
-        for shard in index["shards"]
-        for sample in shard["samples"]
-    ]
+    answer_lengths = np.concatenate(
+        [read_table(d, index).num_answer_tokens for d, index in zip(dirs, indexes, strict=True)]
+    )
     return {
         "shift": bool(config.diffusion.shift),
         "answer_padding": {key: first[key] for key in ANSWER_PADDING_KEYS if key in first},

@@ -15,6 +15,7 @@ import pytest
 import torch.distributed as dist
 from launch_helpers import REPO, child_env, common_args
 
+from data_tools.index import read_index, read_table
 from trainer.checkpoint import RunLock, RunLockError, checkpoint_root, commit, latest_valid, read_state
 from trainer.config import load_config, to_dict
 from trainer.train_cli import main
@@ -191,10 +192,9 @@ def test_too_many_skipped_samples_stop_the_run_with_a_table(
     tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
 ) -> None:
     shards = copied_shards(mixed_shards, tmp_path)
-    index = json.loads((shards / "train" / "index.json").read_text())
-    shard = index["shards"][0]
+    shard = read_index(shards / "train")["shards"][0]
     # The first sample stays intact: the start check passes.
-    corrupt_samples(shards / "train" / shard["name"], shard["samples"][1:])
+    corrupt_samples(shards / "train" / shard["name"], read_table(shards / "train").shard_entries(0)[1:])
     args = [*common_args(tiny_model_dir, shards, tmp_path / "run"), "--max_steps", "20"]
     proc = train_once(args)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -209,8 +209,8 @@ def test_a_corrupt_held_out_sample_is_skipped_and_counted_not_fatal(
     tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
 ) -> None:
     shards = copied_shards(mixed_shards, tmp_path)
-    shard = json.loads((shards / "test" / "index.json").read_text())["shards"][0]
-    corrupt_samples(shards / "test" / shard["name"], shard["samples"][1:2])
+    shard = read_index(shards / "test")["shards"][0]
+    corrupt_samples(shards / "test" / shard["name"], read_table(shards / "test").shard_entries(0)[1:2])
     out = tmp_path / "run"
     args = [*common_args(tiny_model_dir, shards, out), "--max_steps", "1", "--eval.at_end", "true"]
     proc = train_once(args)

@@ -27,7 +27,7 @@ def test_plan_mixes_text_only_and_image_microbatches_across_ranks(mixed_shards: 
     mixed = 0
     for step in range(2):  # every run below trains at least these steps
         has_image = [
-            [bool(catalog.refs[i].image_grid_thw) for i in pack]
+            [bool(catalog.ref(i).image_grid_thw) for i in pack]
             for r in range(2)
             for pack in plan.rank_packs(step, r, 2)
         ]

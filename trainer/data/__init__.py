@@ -10,6 +10,7 @@ from trainer.data.loader import EvalLoader, TrainLoader, TrainStep
 from trainer.data.plan import (
     Catalog,
     EpochPlan,
+    Packs,
     Planner,
     PlanSpec,
     SampleRef,
@@ -26,6 +27,7 @@ __all__ = [
     "EvalLoader",
     "LoadedSample",
     "PackedBatch",
+    "Packs",
     "PlanSpec",
     "Planner",
     "SampleReader",

@@ -17,10 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.batch import PackedBatch, SampleReader, collate_rows
-from trainer.data.plan import Catalog, EpochPlan, Planner, PlanSpec, SampleRef, best_fit_pack, load_catalog
+from trainer.data.plan import (
+    Catalog,
+    EpochPlan,
+    Packs,
+    Planner,
+    PlanSpec,
+    SampleRef,
+    best_fit_pack,
+    load_catalog,
+)
 
 __all__ = ["EvalLoader", "TrainLoader", "TrainStep"]
 
@@ -66,7 +76,7 @@ def _identity(item: TrainStep) -> TrainStep:
 class _RankSteps(IterableDataset):
     """The steps of one rank; worker w of n produces steps w, w+n, w+2n, ... (re-ordered by the caller)."""
 
-    def __init__(self, steps: list[_Step], epoch: int, first_step: int, reader: SampleReader) -> None:
+    def __init__(self, steps: Sequence[_Step], epoch: int, first_step: int, reader: SampleReader) -> None:
         super().__init__()
         self.steps = steps
         self.epoch = epoch
@@ -119,7 +129,7 @@ def _worker_count(requested: int, num_steps: int) -> int:
 
 
 def _ordered_steps(
-    steps: list[_Step],
+    steps: Sequence[_Step],
     epoch: int,
     first_step: int,
     reader: SampleReader,
@@ -153,7 +163,25 @@ def _ordered_steps(
 
 
 def _rows(catalog: Catalog, packs: Sequence[tuple[int, ...]]) -> list[_Row]:
-    return [[(catalog.refs[i], catalog.display_key(i)) for i in pack] for pack in packs]
+    return [[(catalog.ref(i), catalog.display_key(i)) for i in pack] for pack in packs]
+
+
+class _PlanSteps(Sequence[_Step]):
+    """A rank's steps of one epoch, from `first_step` on, each made when asked for: a worker builds
+    the sample refs of its own steps only, never of the whole epoch."""
+
+    def __init__(self, loader: TrainLoader, plan: EpochPlan, first_step: int) -> None:
+        self.catalog, self.plan, self.first_step = loader.catalog, plan, first_step
+        self.rank, self.world_size = loader.rank, loader.world_size
+        self.micro_batch, self.grad_accum = loader.micro_batch, loader.grad_accum
+
+    def __len__(self) -> int:
+        return self.plan.num_steps - self.first_step
+
+    def __getitem__(self, j: int) -> _Step:  # type: ignore[override]
+        packs = self.plan.rank_packs(self.first_step + j, self.rank, self.world_size)
+        rows = _rows(self.catalog, packs)
+        return [rows[m * self.micro_batch : (m + 1) * self.micro_batch] for m in range(self.grad_accum)]
 
 
 class TrainLoader:
@@ -266,7 +294,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[TrainStep]:
         while self.max_epochs is None or self._epoch < self.max_epochs:
             plan = self.planner.plan(self._epoch)
-            steps = [self._rank_step(plan, s) for s in range(self._step, plan.num_steps)]
+            steps = _PlanSteps(self, plan, self._step)
             for item in _ordered_steps(
                 steps,
                 plan.epoch,
@@ -282,10 +310,6 @@ class TrainLoader:
                 self.num_skipped.update(item.skipped)
                 self.num_skipped_where.update(item.skipped_where)
                 yield item
-
-    def _rank_step(self, plan: EpochPlan, step: int) -> _Step:
-        rows = _rows(self.catalog, plan.rank_packs(step, self.rank, self.world_size))
-        return [rows[m * self.micro_batch : (m + 1) * self.micro_batch] for m in range(self.grad_accum)]
 
     def _normalise(self) -> None:
         if self._step >= self.planner.plan(self._epoch).num_steps:
@@ -320,13 +344,12 @@ class EvalLoader:
         if not 0 <= rank < world_size or micro_batch < 1:
             raise ValueError(f"need 0 <= rank ({rank}) < world_size ({world_size}) and micro_batch >= 1")
         self.catalog = load_catalog(shard_dirs, limit)
-        fits = [i for i in range(len(self.catalog)) if self.catalog.num_tokens[i] <= max_tokens]
+        fits = np.flatnonzero(self.catalog.num_tokens <= max_tokens)
         self.num_too_long = len(self.catalog) - len(fits)
         if packing:
-            bins = best_fit_pack([int(self.catalog.num_tokens[i]) for i in fits], max_tokens, window)
-            packs = [tuple(fits[p] for p in b) for b in bins]
+            packs = best_fit_pack(self.catalog.num_tokens[fits], max_tokens, window).take(fits)
         else:
-            packs = [(i,) for i in fits]
+            packs = Packs.singletons(fits)
         batches = [packs[i : i + micro_batch] for i in range(0, len(packs), micro_batch)]
         self.num_steps = math.ceil(len(batches) / world_size)
         mine = batches[rank::world_size]

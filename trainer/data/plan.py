@@ -26,20 +26,22 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-from data_tools.shards import read_index
+from data_tools.index import SampleTable, read_index, read_table
 
 __all__ = [
     "Catalog",
     "EpochPlan",
+    "Packs",
     "PlanSpec",
     "Planner",
     "SampleRef",
@@ -74,32 +76,53 @@ class SampleRef:
 
 @dataclass
 class Catalog:
-    """All samples of one or more shard sets, numbered 0..N-1 in (set, shard, index) order."""
+    """All samples of one or more shard sets, numbered 0..N-1 in (set, shard, index) order.
+
+    Per-sample fields stay in the sets' memory-mapped sample tables (`data_tools.index`); a
+    `SampleRef` is made only for a sample about to be read."""
 
     directories: list[Path]
     """The shard set directories, in the order given."""
-    set_of_sample: np.ndarray
-    """[N] int: shard set index of every sample."""
+    tables: list[SampleTable]
+    """The sample table of every set (memory-mapped)."""
+    shard_paths: list[list[str]]
+    """Per set, the path of every shard in index order."""
+    set_start: np.ndarray
+    """[K+1] int64: the samples of set k are catalog ids set_start[k]:set_start[k+1]."""
     num_tokens: np.ndarray
-    """[N] int64: token length of every sample."""
-    refs: list[SampleRef]
-    """[N] the read location of every sample."""
+    """[N] token length of every sample."""
     fingerprints: list[str | None] = field(default_factory=list)
     """Tokenizer fingerprint of every set (all equal; checked on load)."""
 
     def __len__(self) -> int:
-        return len(self.refs)
+        return int(self.set_start[-1])
+
+    def set_of(self, sample_id: int) -> int:
+        """The shard set holding catalog sample `sample_id`."""
+        return int(np.searchsorted(self.set_start, sample_id, side="right")) - 1
+
+    def ref(self, sample_id: int) -> SampleRef:
+        """Where sample `sample_id` lives and what the index says about it."""
+        set_index = self.set_of(sample_id)
+        table, i = self.tables[set_index], sample_id - int(self.set_start[set_index])
+        return SampleRef(
+            table.key_of(i),
+            self.shard_paths[set_index][table.shard_of(i)],
+            int(table.offset[i]),
+            int(table.num_bytes[i]),
+            int(table.num_tokens[i]),
+            table.grids(i),
+        )
 
     def display_key(self, sample_id: int) -> str:
         """The key used in plans and batches: the sample key, prefixed by `SET:` with several sets."""
-        key = self.refs[sample_id].key
-        if len(self.directories) == 1:
-            return key
-        return f"{int(self.set_of_sample[sample_id])}:{key}"
+        set_index = self.set_of(sample_id)
+        key = self.tables[set_index].key_of(sample_id - int(self.set_start[set_index]))
+        return key if len(self.directories) == 1 else f"{set_index}:{key}"
 
 
 def load_catalog(shard_dirs: Sequence[str | Path], limit: int = 0) -> Catalog:
-    """Read the `index.json` of every shard set (no tar is opened).
+    """Open the index of every shard set (no tar is opened; the sample columns are memory-mapped).
 
     Args:
         shard_dirs: shard set directories (each with `index.json`).
@@ -110,47 +133,33 @@ def load_catalog(shard_dirs: Sequence[str | Path], limit: int = 0) -> Catalog:
     """
     if not shard_dirs:
         raise ValueError("no shard set given: pass at least one directory holding index.json")
-    set_of_sample: list[int] = []
-    refs: list[SampleRef] = []
-    fingerprints: list[str | None] = []
     directories = [Path(d) for d in shard_dirs]
-    for set_index, directory in enumerate(directories):
+    tables: list[SampleTable] = []
+    shard_paths: list[list[str]] = []
+    fingerprints: list[str | None] = []
+    sizes: list[int] = []
+    for directory in directories:
         index = read_index(directory)
         fingerprints.append(index.get("tokenizer", {}).get("fingerprint"))
-        num_in_set = 0
-        for shard in index["shards"]:
-            shard_path = str(directory / shard["name"])
-            for s in shard["samples"]:
-                if limit and num_in_set >= limit:
-                    break
-                grids = tuple(tuple(int(v) for v in g) for g in s.get("image_grid_thw", []))
-                refs.append(
-                    SampleRef(
-                        s["key"],
-                        shard_path,
-                        int(s["offset"]),
-                        int(s["num_bytes"]),
-                        int(s["num_tokens"]),
-                        grids,
-                    )  # type: ignore[arg-type]
-                )
-                set_of_sample.append(set_index)
-                num_in_set += 1
-        if num_in_set == 0:
+        table = read_table(directory, index)
+        size = min(len(table), limit) if limit else len(table)
+        if size == 0:
             raise ValueError(f"{directory}/index.json lists no samples: rebuild the shard set or drop it")
+        tables.append(table)
+        shard_paths.append([str(directory / shard["name"]) for shard in index["shards"]])
+        sizes.append(size)
     known = {f for f in fingerprints if f is not None}
     if len(known) > 1:
         raise ValueError(
             f"shard sets {[str(d) for d in directories]} were built with different tokenizers "
             "(index.json tokenizer.fingerprint differs): rebuild them with one tokenizer"
         )
-    return Catalog(
-        directories=directories,
-        set_of_sample=np.asarray(set_of_sample, dtype=np.int64),
-        num_tokens=np.asarray([r.num_tokens for r in refs], dtype=np.int64),
-        refs=refs,
-        fingerprints=fingerprints,
-    )
+    set_start = np.zeros(len(sizes) + 1, dtype=np.int64)
+    set_start[1:] = np.cumsum(sizes)
+    # One set read whole keeps its mapped column as is; otherwise the (small) token column is copied.
+    parts = [table.num_tokens[:size] for table, size in zip(tables, sizes, strict=True)]
+    num_tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return Catalog(directories, tables, shard_paths, set_start, num_tokens, fingerprints)
 
 
 def parse_shard_spec(spec: str) -> tuple[str, float]:
@@ -173,7 +182,65 @@ def parse_shard_specs(specs: Sequence[str]) -> tuple[list[str], list[float]]:
     return [d for d, _ in parsed], [w for _, w in parsed]
 
 
-def best_fit_pack(lengths: Sequence[int], max_tokens: int, window: int) -> list[list[int]]:
+class Packs(Sequence[tuple[int, ...]]):
+    """A sequence of packs stored flat: pack k holds the ids `ids[bounds[k]:bounds[k+1]]` (a list of
+    tuples would be one Python object per sample: ten million of them at scale)."""
+
+    def __init__(self, ids: np.ndarray, bounds: np.ndarray) -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+
+    @classmethod
+    def singletons(cls, ids: np.ndarray) -> Packs:
+        """One id per pack."""
+        return cls(ids, np.arange(len(ids) + 1))
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    @overload
+    def __getitem__(self, k: int) -> tuple[int, ...]: ...
+    @overload
+    def __getitem__(self, k: slice) -> Packs: ...
+    def __getitem__(self, k: int | slice) -> tuple[int, ...] | Packs:
+        if isinstance(k, slice):
+            start, stop, stride = k.indices(len(self))
+            if stride != 1:
+                raise ValueError("packs can only be sliced contiguously")
+            stop = max(start, stop)
+            lo, hi = self.bounds[start], self.bounds[stop]
+            return Packs(self.ids[lo:hi], self.bounds[start : stop + 1] - lo)
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"pack {k} of {len(self)}")
+        k %= len(self)
+        return tuple(self.ids[self.bounds[k] : self.bounds[k + 1]].tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Packs):
+            return np.array_equal(self.bounds, other.bounds) and np.array_equal(self.ids, other.ids)
+        if isinstance(other, Sequence):
+            return len(other) == len(self) and all(tuple(a) == b for a, b in zip(other, self, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
+
+    def __add__(self, other: Packs) -> Packs:
+        return Packs(
+            np.concatenate([self.ids, other.ids]),
+            np.concatenate([self.bounds[:-1], other.bounds + len(self.ids)]),
+        )
+
+    def take(self, ids: np.ndarray) -> Packs:
+        """The same pack shapes over `ids[self.ids]` (positions mapped to ids)."""
+        return Packs(np.asarray(ids)[self.ids], self.bounds)
+
+
+# Items are read from numpy in chunks of this many: a Python list of all ten million lengths
+# (and of their bins) would hold ~700 MB of int objects.
+_PACK_CHUNK = 1 << 16
+
+
+def best_fit_pack(lengths: Sequence[int] | np.ndarray, max_tokens: int, window: int) -> Packs:
     """Pack items (in the given order) into bins of at most `max_tokens`; returns bins of item positions.
 
     Bounded-window best fit: at most `window` bins are open; an item goes into the open bin with the
@@ -183,31 +250,40 @@ def best_fit_pack(lengths: Sequence[int], max_tokens: int, window: int) -> list[
     """
     if window < 1:
         raise ValueError(f"packing window must be >= 1, got {window}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    too_long = np.flatnonzero(lengths > max_tokens)
+    if len(too_long):
+        raise ValueError(f"item {too_long[0]} has {lengths[too_long[0]]} tokens > max_tokens {max_tokens}")
+    bin_of = np.empty(len(lengths), dtype=np.int64)
     open_bins: list[tuple[int, int]] = []  # sorted (room left, bin id)
-    contents: dict[int, list[int]] = {}
-    closed: list[list[int]] = []
+    closing: list[int] = []  # bin ids in closing order
     next_bin = 0
-    for position, n in enumerate(lengths):
-        if n > max_tokens:
-            raise ValueError(f"item {position} has {n} tokens > max_tokens {max_tokens}")
-        i = bisect.bisect_left(open_bins, (n, -1))
-        if i < len(open_bins):
-            room, bin_id = open_bins.pop(i)
-            contents[bin_id].append(position)
-        else:
-            room, bin_id = max_tokens, next_bin
-            next_bin += 1
-            contents[bin_id] = [position]
-        room -= n
-        if room == 0:
-            closed.append(contents.pop(bin_id))
-            continue
-        bisect.insort(open_bins, (room, bin_id))
-        if len(open_bins) > window:
-            _, fullest = open_bins.pop(0)
-            closed.append(contents.pop(fullest))
-    closed.extend(contents[b] for b in sorted(contents))
-    return closed
+    for lo in range(0, len(lengths), _PACK_CHUNK):
+        chunk_bins = []
+        for n in lengths[lo : lo + _PACK_CHUNK].tolist():
+            i = bisect.bisect_left(open_bins, (n, -1))
+            if i < len(open_bins):
+                room, bin_id = open_bins.pop(i)
+            else:
+                room, bin_id = max_tokens, next_bin
+                next_bin += 1
+            chunk_bins.append(bin_id)
+            room -= n
+            if room == 0:
+                closing.append(bin_id)
+                continue
+            bisect.insort(open_bins, (room, bin_id))
+            if len(open_bins) > window:
+                closing.append(open_bins.pop(0)[1])
+        bin_of[lo : lo + len(chunk_bins)] = chunk_bins
+    closing.extend(sorted(bin_id for _, bin_id in open_bins))
+    # Group items by their bin's closing rank; a stable sort keeps item order inside a bin.
+    rank = np.empty(next_bin, dtype=np.int64)
+    rank[np.asarray(closing, dtype=np.int64)] = np.arange(next_bin)
+    item_rank = rank[bin_of]
+    bounds = np.zeros(next_bin + 1, dtype=np.int64)
+    bounds[1:] = np.cumsum(np.bincount(item_rank, minlength=next_bin))
+    return Packs(np.argsort(item_rank, kind="stable"), bounds)
 
 
 @dataclass(frozen=True)
@@ -237,7 +313,7 @@ class PlanSpec:
                 "options": [self.drop_remainder, self.window, self.packing],
                 "sets": [str(d.resolve()) for d in catalog.directories],
                 "samples": len(catalog),
-                "tokens": int(catalog.num_tokens.sum()),
+                "tokens": int(catalog.num_tokens.sum(dtype=np.int64)),
             }
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -249,8 +325,8 @@ class EpochPlan:
 
     epoch: int
     """Epoch number."""
-    packs: list[tuple[int, ...]]
-    """The pack stream: carried-in packs, then this epoch's own packs (tuples of sample ids)."""
+    packs: Packs
+    """The pack stream: carried-in packs, then this epoch's own packs (of catalog sample ids)."""
     num_steps: int
     """Global steps in this epoch."""
     packs_per_step: int
@@ -274,7 +350,7 @@ class EpochPlan:
         return len(self.packs) - self.num_carried_in
 
     @property
-    def remainder(self) -> list[tuple[int, ...]]:
+    def remainder(self) -> Packs:
         """Packs after the last full step: carried to the next epoch, or dropped."""
         return self.packs[self.num_steps * self.packs_per_step :]
 
@@ -283,18 +359,21 @@ class EpochPlan:
         """Real tokens / (own packs * max_tokens)."""
         return self.num_tokens / max(1, self.num_own_packs * self.max_tokens)
 
-    def step_packs(self, step: int) -> list[tuple[int, ...]]:
+    def step_packs(self, step: int) -> Packs:
         """All packs of global step `step`."""
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} outside epoch {self.epoch} ({self.num_steps} steps)")
         return self.packs[step * self.packs_per_step : (step + 1) * self.packs_per_step]
 
-    def rank_packs(self, step: int, rank: int, world_size: int) -> list[tuple[int, ...]]:
+    def rank_packs(self, step: int, rank: int, world_size: int) -> Packs:
         """The packs rank `rank` trains on in `step` (contiguous slice of the step, in order)."""
         if self.packs_per_step % world_size:
             raise ValueError(f"packs per step {self.packs_per_step} do not divide by world size {world_size}")
         per_rank = self.packs_per_step // world_size
         return self.step_packs(step)[rank * per_rank : (rank + 1) * per_rank]
+
+
+_NO_PACKS = Packs(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
 
 
 class Planner:
@@ -314,9 +393,8 @@ class Planner:
         fits = catalog.num_tokens <= spec.max_tokens
         self.num_too_long = int((~fits).sum())
         # Eligible samples of every set, in catalog order.
-        self._eligible = [
-            np.flatnonzero(fits & (catalog.set_of_sample == i)) for i in range(len(catalog.directories))
-        ]
+        bounds = catalog.set_start.tolist()
+        self._eligible = [lo + np.flatnonzero(fits[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
         self._cache: dict[int, EpochPlan] = {}
 
     def epoch_samples(self, epoch: int) -> np.ndarray:
@@ -353,28 +431,27 @@ class Planner:
             # The carry chains epochs: start from the latest cached one below, else from epoch 0.
             first = max((e + 1 for e in self._cache if e < epoch), default=0)
         for e in range(first, epoch + 1):
-            carried = [] if e == 0 or self.spec.drop_remainder else self._cache[e - 1].remainder
+            carried = _NO_PACKS if e == 0 or self.spec.drop_remainder else self._cache[e - 1].remainder
             self._cache[e] = self._build(e, carried)
             # Keep memory bounded: only the last two plans are needed for carrying and iteration.
             for old in [k for k in self._cache if k < e - 1]:
                 del self._cache[old]
         return self._cache[epoch]
 
-    def _build(self, epoch: int, carried: list[tuple[int, ...]]) -> EpochPlan:
+    def _build(self, epoch: int, carried: Packs) -> EpochPlan:
         samples = self.epoch_samples(epoch)
         lengths = self.catalog.num_tokens[samples]
         if self.spec.packing:
-            bins = best_fit_pack(lengths.tolist(), self.spec.max_tokens, self.spec.window)
-            own = [tuple(int(samples[p]) for p in b) for b in bins]
+            own = best_fit_pack(lengths, self.spec.max_tokens, self.spec.window).take(samples)
         else:
-            own = [(int(s),) for s in samples]
+            own = Packs.singletons(samples)
         if len(own) < self.spec.packs_per_step:
             raise ValueError(
                 f"epoch {epoch} has {len(own)} packs, fewer than one global step of "
                 f"{self.spec.packs_per_step} (micro_batch * grad_accum * world_size): use a smaller batch "
                 "or more data"
             )
-        packs = list(carried) + own
+        packs = carried + own
         return EpochPlan(
             epoch=epoch,
             packs=packs,
@@ -382,7 +459,7 @@ class Planner:
             packs_per_step=self.spec.packs_per_step,
             num_carried_in=len(carried),
             num_samples=len(samples),
-            num_tokens=int(lengths.sum()),
+            num_tokens=int(lengths.sum(dtype=np.int64)),
             num_too_long=self.num_too_long,
             drop_remainder=self.spec.drop_remainder,
             max_tokens=self.spec.max_tokens,

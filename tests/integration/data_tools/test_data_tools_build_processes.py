@@ -18,6 +18,7 @@ from launch_helpers import REPO, child_env
 
 from data_tools import shards
 from data_tools.__main__ import main as cli
+from data_tools.index import read_index
 from data_tools.synth import SynthSettings, run_synth, synth_build_settings
 
 
@@ -27,20 +28,20 @@ def _synth(out: Path, model: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (the sample columns' folder included) by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_reproducible_across_workers_and_readable(tmp_path: Path, tiny_model_dir: Path) -> None:
     build = dataclasses.replace(synth_build_settings(), samples_per_shard=50)
     settings = SynthSettings(num=120, num_test=20, tasks=("colour_en", "label_ko"), build=build)
     run_synth(tmp_path / "a", str(tiny_model_dir), settings, workers=1, progress=False)
     run_synth(tmp_path / "b", str(tiny_model_dir), settings, workers=2, progress=False)
     for split in ["train", "test"]:
-        names = sorted(p.name for p in (tmp_path / "a" / split).iterdir())
-        assert names == sorted(p.name for p in (tmp_path / "b" / split).iterdir())
-        for name in names:
-            assert (tmp_path / "a" / split / name).read_bytes() == (
-                tmp_path / "b" / split / name
-            ).read_bytes(), name
+        assert _files(tmp_path / "a" / split) == _files(tmp_path / "b" / split)
     train = tmp_path / "a" / "train"
-    assert len(shards.read_index(train)["shards"]) == 3
+    assert len(read_index(train)["shards"]) == 3
     with tarfile.open(train / "shard-000000.tar") as tar:
         names = tar.getnames()
     assert names[:2] == ["train-000000000.json", "train-000000000.0.png"]
@@ -74,11 +75,7 @@ def test_killed_build_resumes_to_identical_output(
     assert shards.verify(out / "train") == [] and shards.verify(out / "test") == []
     clean = tmp_path / "clean"
     assert cli([*resume, "--output", str(clean)]) == 0
-    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
-        p.name for p in (clean / "train").iterdir()
-    )
-    for p in sorted((clean / "train").iterdir()):
-        assert (out / "train" / p.name).read_bytes() == p.read_bytes(), p.name
+    assert _files(out / "train") == _files(clean / "train")
     # A third run finds the set complete and leaves it alone; other settings are refused.
     before = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
     assert cli([*resume, "--output", str(out)]) == 0

@@ -19,6 +19,7 @@ from data_tools import shards, sources
 from data_tools.__main__ import main as cli
 from data_tools.build import run_build
 from data_tools.errors import BuildError
+from data_tools.index import read_index, read_table, shard_samples
 from data_tools.output_dir import load_finished
 from data_tools.settings import BuildSettings, with_model_pixels
 
@@ -36,10 +37,9 @@ def _build(source: str, out: Path, model: Path, *extra: str) -> int:
 
 
 def _samples(directory: Path) -> list[dict[str, Any]]:
-    index = shards.read_index(directory)
     out = []
-    for shard in index["shards"]:
-        for e in shard["samples"]:
+    for shard, samples in shard_samples(directory):
+        for e in samples:
             out.append(shards.read_sample(directory / shard["name"], e["offset"], e["num_bytes"]))
     return out
 
@@ -181,7 +181,7 @@ def test_kodoc_save_to_disk_and_parquet(
     # Two splits -> DIR/<split>/, each a complete shard set.
     out = tmp_path / "both"
     assert _build(str(tmp_path / "disk"), out, tiny_model_dir, "--split", "train,validation") == 0
-    assert shards.read_index(out / "validation")["num_samples"] == 1
+    assert read_index(out / "validation")["num_samples"] == 1
     assert cli(["verify", str(out)]) == 0
 
 
@@ -212,12 +212,12 @@ def test_hf_messages_with_image_column(tmp_path: Path, tiny_model_dir: Path) -> 
     datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "out"
     assert _build(str(tmp_path / "ds"), out, tiny_model_dir, "--test-fraction", "0.3", "--seed", "1") == 0
-    train, test = shards.read_index(out / "train"), shards.read_index(out / "test")
+    train, test = read_index(out / "train"), read_index(out / "test")
     assert train["num_samples"] + test["num_samples"] == 20 and test["num_samples"] > 0
-    keys = {s["key"] for ix in (train, test) for sh in ix["shards"] for s in sh["samples"]}
+    keys = {s["key"] for split in ("train", "test") for s in read_table(out / split).entries()}
     assert len(keys) == 20
     assert _build(str(tmp_path / "ds"), tmp_path / "five", tiny_model_dir, "--limit", "5") == 0
-    assert shards.read_index(tmp_path / "five")["num_samples"] == 5
+    assert read_index(tmp_path / "five")["num_samples"] == 5
 
 
 def test_every_rejection_reason(
@@ -273,7 +273,7 @@ def test_every_rejection_reason(
         "empty_answer",
         "non_utf8",
     ]
-    index = shards.read_index(out)
+    index = read_index(out)
     assert (
         index["num_samples"] == 1
         and index["num_rejected"] == 12
@@ -348,13 +348,13 @@ def test_changed_source_is_refused_and_force_rebuilds(
     err = capsys.readouterr().err
     assert "holds an interrupted build, and its source changed since" in err and "--force" in err
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2", "--force") == 0
-    assert shards.read_index(out)["num_samples"] == 7
+    assert read_index(out)["num_samples"] == 7
     # A complete set whose source changed is not taken as done either.
     write_text_rows(src, 5)
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2") == 1
     assert "holds a complete shard set, and its source changed since" in capsys.readouterr().err
     assert _build(str(src), out, tiny_model_dir, "--samples-per-shard", "2", "--force") == 0
-    assert shards.read_index(out)["num_samples"] == 5 and not (out / "shard-000003.tar").exists()
+    assert read_index(out)["num_samples"] == 5 and not (out / "shard-000003.tar").exists()
 
 
 def test_other_layout_in_output_is_refused_or_replaced(
@@ -371,15 +371,13 @@ def test_other_layout_in_output_is_refused_or_replaced(
     assert "holds another shard set" in capsys.readouterr().err and not (out / "train").exists()
     assert _build(str(src), out, tiny_model_dir, *split, "--force") == 0
     assert not (out / "index.json").exists() and not (out / "shard-000000.tar").exists()
-    assert (
-        shards.read_index(out / "train")["num_samples"] + shards.read_index(out / "test")["num_samples"] == 8
-    )
+    assert read_index(out / "train")["num_samples"] + read_index(out / "test")["num_samples"] == 8
     (out / "notes.txt").write_text("mine")  # --force removes only what builds write
     assert _build(str(src), out, tiny_model_dir) == 1  # and back to flat
     assert "holds another shard set" in capsys.readouterr().err
     assert _build(str(src), out, tiny_model_dir, "--force") == 0
     assert not (out / "train" / "index.json").exists() and not (out / "test" / "shard-000000.tar").exists()
-    assert shards.read_index(out)["num_samples"] == 8 and (out / "notes.txt").read_text() == "mine"
+    assert read_index(out)["num_samples"] == 8 and (out / "notes.txt").read_text() == "mine"
 
 
 def test_resume_checks_finished_shards_without_hashing(
@@ -406,7 +404,7 @@ def test_resume_checks_finished_shards_without_hashing(
     # Shard 3 truncated, then the JSON of shard 2's last sample (always among those read back) broken.
     os.truncate(out / names[3], (out / names[3]).stat().st_size - shards.TAR_BLOCK)
     assert len(load_finished(out)) == 3
-    last = shards.read_index(clean)["shards"][2]["samples"][-1]
+    last = read_table(clean).shard_entries(2)[-1]
     with open(out / names[2], "r+b") as f:
         f.seek(last["offset"] + shards.TAR_BLOCK)  # the member's data, after its header
         f.write(b"x")
@@ -415,6 +413,5 @@ def test_resume_checks_finished_shards_without_hashing(
     assert _build(str(src), out, tiny_model_dir, *per_shard) == 0
     assert {name: (out / name).stat().st_mtime_ns for name in names[:2]} == kept
     assert hashed == names[2:]  # only the shards this run wrote
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
-    for p in clean.iterdir():
-        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    files = {str(p.relative_to(clean)): p.read_bytes() for p in clean.rglob("*") if p.is_file()}
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from data_tools import shards
 from data_tools.__main__ import main as cli
+from data_tools.index import read_index, shard_samples
 from data_tools.report import histogram
 
 
@@ -20,11 +21,10 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
 
 
 def test_max_shard_bytes_splits_shards(synth_dir: Path) -> None:
-    index = shards.read_index(synth_dir / "train")
-    assert len(index["shards"]) > 3
-    for shard in index["shards"]:
-        members = sum(s["num_bytes"] for s in shard["samples"])
-        assert members <= 8000 or len(shard["samples"]) == 1
+    assert len(read_index(synth_dir / "train")["shards"]) > 3
+    for _, samples in shard_samples(synth_dir / "train"):
+        members = sum(s["num_bytes"] for s in samples)
+        assert members <= 8000 or len(samples) == 1
 
 
 def test_inspect_prints_table_histogram_and_plot(
@@ -40,9 +40,7 @@ def test_inspect_prints_table_histogram_and_plot(
 def test_verify_exit_codes(synth_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     assert cli(["verify", str(synth_dir), "--model", str(tiny_model_dir)]) == 0
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for p in (synth_dir / "test").iterdir():
-        (broken / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(synth_dir / "test", broken)
     shard = broken / "shard-000000.tar"
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF  # flip a byte inside the first sample's JSON

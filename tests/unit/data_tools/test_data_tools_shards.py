@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
 from data_tools import shards
+from data_tools.index import INDEX_FORMAT, make_index, read_index, read_table, write_index
 
 
 def _sample(key: str, num_images: int = 1, size: tuple[int, int] = (64, 32)) -> shards.EncodedSample:
@@ -43,9 +46,9 @@ def _write_set(directory: Path, num_shards: int = 2) -> dict:
     for s in range(num_shards):
         samples = [_sample(f"s{s}_{i}", num_images=i % 3) for i in range(4)]
         entries.append(shards.write_shard(directory / shards.SHARD_PATTERN.format(s), samples))
-    index = shards.make_index(entries, {"fingerprint": "abc", "name_or_path": "x", "mask_token_id": None}, {})
-    shards.write_index(directory, index)
-    return index
+    index, table = make_index(entries, {"fingerprint": "abc", "name_or_path": "x", "mask_token_id": None}, {})
+    write_index(directory, index, table)
+    return read_index(directory)
 
 
 def test_offsets_read_sample_and_plain_tarfile(tmp_path: Path) -> None:
@@ -55,7 +58,7 @@ def test_offsets_read_sample_and_plain_tarfile(tmp_path: Path) -> None:
     path = tmp_path / shard["name"]
     assert shard["num_bytes"] == path.stat().st_size
     raw = path.read_bytes()
-    for entry in shard["samples"]:
+    for entry in read_table(tmp_path).shard_entries(1):
         # The contract: the byte range alone is a valid tar holding exactly this sample's members.
         chunk = raw[entry["offset"] : entry["offset"] + entry["num_bytes"]]
         with tarfile.open(fileobj=io.BytesIO(chunk)) as tar:
@@ -131,12 +134,13 @@ def test_verify_reports_problems(tmp_path: Path) -> None:
     (tmp_path / "shard-000009.tar").unlink()
     (tmp_path / ".shard-000002.tar.tmp-1").unlink()
     # A wrong token length in the index.
-    index["shards"][0]["samples"][1]["num_tokens"] = 99
-    shards.write_index(tmp_path, index)
+    table = read_table(tmp_path, index)
+    num_tokens = np.array(table.num_tokens)
+    num_tokens[1] = 99
+    write_index(tmp_path, index, dataclasses.replace(table, num_tokens=num_tokens))
     assert any("token lengths" in p for p in shards.verify(tmp_path))
     # A truncated shard.
-    index["shards"][0]["samples"][1]["num_tokens"] = 5
-    shards.write_index(tmp_path, index)
+    write_index(tmp_path, index, table)
     path = tmp_path / "shard-000001.tar"
     path.write_bytes(path.read_bytes()[:1000])
     assert any("shard-000001.tar" in p for p in shards.verify(tmp_path))
@@ -153,7 +157,7 @@ def test_bad_keys_rejected(tmp_path: Path) -> None:
 
 def test_read_sample_truncated(tmp_path: Path) -> None:
     index = _write_set(tmp_path, num_shards=1)
-    entry = index["shards"][0]["samples"][-1]
+    entry = read_table(tmp_path, index).shard_entries(0)[-1]
     with pytest.raises(ValueError, match="truncated"):
         shards.read_sample(tmp_path / "shard-000000.tar", entry["offset"] + 10_000, entry["num_bytes"])
-    assert json.loads((tmp_path / "index.json").read_text())["format"] == shards.INDEX_FORMAT
+    assert json.loads((tmp_path / "index.json").read_text())["format"] == INDEX_FORMAT

@@ -9,11 +9,12 @@ import pytest
 
 from data_tools import shards, synth
 from data_tools.errors import BuildError
+from data_tools.index import read_index, read_table, shard_samples
 
 
 def test_default_demo_set(tmp_path: Path, tiny_model_dir: Path, data_tools_tokenizer: Any) -> None:
     synth.synthesize(tmp_path, str(tiny_model_dir), 48, 16, progress=False)
-    train, test = shards.read_index(tmp_path / "train"), shards.read_index(tmp_path / "test")
+    train, test = read_index(tmp_path / "train"), read_index(tmp_path / "test")
     assert shards.verify(tmp_path / "train") == [] and shards.verify(tmp_path / "test") == []
     assert train["num_samples"] == 48 and test["num_samples"] == 16
     tasks = train["synth"]["tasks"]
@@ -22,8 +23,8 @@ def test_default_demo_set(tmp_path: Path, tiny_model_dir: Path, data_tools_token
     assert tasks["shape_ko"]["chance"] == pytest.approx(1 / 4)
     seen_tasks = set()
     pad_lengths: list[int] = []
-    for shard in train["shards"]:
-        for e in shard["samples"]:
+    for shard, samples in shard_samples(tmp_path / "train"):
+        for e in samples:
             assert e["image_grid_thw"] == [[1, 4, 4]]  # 64x64 -> 2x2 merged patches = 4 image tokens
             sample = shards.read_sample(tmp_path / "train" / shard["name"], e["offset"], e["num_bytes"])
             meta = sample["json"]["meta"]
@@ -40,8 +41,8 @@ def test_default_demo_set(tmp_path: Path, tiny_model_dir: Path, data_tools_token
     assert seen_tasks == set(synth.DEFAULT_TASKS)
     assert min(pad_lengths) < 8 and max(pad_lengths) > 20  # lengths drawn per sample
     # The held-out split is a different draw.
-    ids = {s["key"] for sh in train["shards"] for s in sh["samples"]}
-    assert not ids & {s["key"] for sh in test["shards"] for s in sh["samples"]}
+    ids = {s["key"] for s in read_table(tmp_path / "train").entries()}
+    assert not ids & {s["key"] for s in read_table(tmp_path / "test").entries()}
 
 
 def test_answers_are_few_tokens(data_tools_tokenizer: Any) -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from data_tools import shards
 from data_tools.__main__ import main as cli
+from data_tools.index import shard_samples
 
 HANDLED = "handled"
 ANSWER = "The total is 1,234."
@@ -185,8 +186,8 @@ def _cases(root: Path, outside: Path) -> list[tuple[str, bytes, str]]:
 
 def _samples_by_id(directory: Path) -> dict[str, dict[str, Any]]:
     out = {}
-    for shard in shards.read_index(directory)["shards"]:
-        for e in shard["samples"]:
+    for shard, samples in shard_samples(directory):
+        for e in samples:
             sample = shards.read_sample(directory / shard["name"], e["offset"], e["num_bytes"])
             out[sample["json"]["source_id"]] = sample
     return out

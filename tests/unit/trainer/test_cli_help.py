@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from data_tools import shards
+from data_tools.index import make_index, write_index
 from trainer.__main__ import main as trainer_main
 from trainer.cli_help import MULTI_KEY_ALIASES, field_docs, format_default, train_help
 from trainer.config import ALIASES, LoraConfig, TrainConfig, _all_keys, load_config
@@ -70,7 +71,7 @@ def _write_index(directory: Path, lengths: list[int]) -> None:
         "sha256": "",
         "samples": samples,
     }
-    shards.write_index(directory, shards.make_index([entry], {"fingerprint": "f", "name_or_path": "x"}, {}))
+    write_index(directory, *make_index([entry], {"fingerprint": "f", "name_or_path": "x"}, {}))
 
 
 def test_plan_takes_config_and_overrides_like_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_tools import shards
+from data_tools.index import read_index, read_table
 from trainer import dataset_cache
 from trainer.config import ConfigError, load_config
 
@@ -20,10 +21,11 @@ def _config(tmp_path: Path, model: Path, spec: str) -> object:
 
 
 def _source_ids(directory: str) -> list[str]:
-    index = shards.read_index(directory)
+    index = read_index(directory)
+    table = read_table(directory, index)
     out = []
-    for shard in index["shards"]:
-        for e in shard["samples"]:
+    for shard_id, shard in enumerate(index["shards"]):
+        for e in table.shard_entries(shard_id):
             out.append(
                 shards.read_sample(Path(directory) / shard["name"], e["offset"], e["num_bytes"])["json"][
                     "source_id"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_sampling import build_shards, save_run
 
-from data_tools.shards import read_index
+from data_tools.index import read_index
 from trainer.assets import load_processor
 from trainer.config import ModelConfig
 from trainer.data import LoadedSample, PackedBatch, collate_rows

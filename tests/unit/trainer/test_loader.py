@@ -3,7 +3,7 @@ patches that the model's normaliser turns into the image processor's pixel value
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import warnings
@@ -17,7 +17,8 @@ import torch
 from loader_shards import write_shard_set
 from transformers import AutoTokenizer
 
-from data_tools.shards import read_index, read_sample
+from data_tools.index import read_index, read_table, shard_samples, write_index
+from data_tools.shards import read_sample
 from trainer.assets import load_processor
 from trainer.attention import varlen_boundaries
 from trainer.config import ModelConfig
@@ -69,7 +70,7 @@ def _loader(shard_dir: Path, processor: Any, **kwargs: Any) -> TrainLoader:
 
 
 def test_every_sample_once_per_epoch_on_two_ranks_with_two_workers(shard_dir: Path, processor: Any) -> None:
-    all_keys = {s["key"] for shard in read_index(shard_dir)["shards"] for s in shard["samples"]}
+    all_keys = {s["key"] for s in read_table(shard_dir).entries()}
     seen: list[str] = []
     steps_per_rank = []
     for rank in range(2):
@@ -138,8 +139,8 @@ def test_epoch_two_starts_with_the_carried_remainder(shard_dir: Path, processor:
 def _check_collation(batch: PackedBatch, shard_dir: Path, processor: Any) -> None:
     refs = {
         s["key"]: (shard_dir / shard["name"], s)
-        for shard in read_index(shard_dir)["shards"]
-        for s in shard["samples"]
+        for shard, samples in shard_samples(shard_dir)
+        for s in samples
     }
     tokenizer = processor.tokenizer
     batch_size, length = batch.input_ids.shape
@@ -205,12 +206,7 @@ def test_pixel_values_are_the_stored_images_without_a_second_resize(shard_dir: P
     loader = _loader(
         shard_dir, processor, world_size=1, micro_batch=1, grad_accum=1, packing=False, num_workers=0
     )
-    entry = next(
-        s
-        for shard in read_index(shard_dir)["shards"]
-        for s in shard["samples"]
-        if len(s["image_grid_thw"]) == 2
-    )
+    entry = next(s for s in read_table(shard_dir).entries() if len(s["image_grid_thw"]) == 2)
     for item in loader:
         (batch,) = item.micro_batches
         if batch.keys == [[entry["key"]]]:
@@ -242,7 +238,7 @@ def test_normalised_patches_equal_the_image_processor_bit_for_bit(
         seed=3, processor=processor, num_workers=0, max_epochs=1,
     )  # fmt: skip
     normaliser = PixelNormaliser(processor.image_processor)
-    refs = {loader.catalog.display_key(i): loader.catalog.refs[i] for i in range(len(loader.catalog))}
+    refs = {loader.catalog.display_key(i): loader.catalog.ref(i) for i in range(len(loader.catalog))}
 
     def images_of(key: str) -> list[Any]:
         ref = refs[key]
@@ -271,12 +267,12 @@ def test_corrupt_samples_are_skipped_counted_logged_and_the_step_still_happens(
 ) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(shard_dir, broken)
-    index = read_index(broken)
-    victim = index["shards"][2]["samples"][3]  # text only: break its JSON
+    table = read_table(broken)
+    victim = table.shard_entries(2)[3]  # text only: break its JSON
     with open(broken / "shard-000002.tar", "r+b") as f:
         f.seek(victim["offset"] + 512)
         f.write(b"\xff\x00garbage" * 8)
-    victim2 = index["shards"][0]["samples"][1]  # break its image: overwrite the PNG signature
+    victim2 = table.shard_entries(0)[1]  # break its image: overwrite the PNG signature
     with open(broken / "shard-000000.tar", "r+b") as f:
         f.seek(victim2["offset"])
         png_at = f.read(victim2["num_bytes"]).index(b"\x89PNG")
@@ -309,10 +305,14 @@ def test_sample_that_disagrees_with_the_index_is_skipped_as_mismatch(
 ) -> None:
     edited = tmp_path / "edited"
     shutil.copytree(shard_dir, edited)
-    index = json.loads((edited / "index.json").read_text())
-    entry = index["shards"][0]["samples"][1]
-    entry["image_grid_thw"] = [[1, 4, 6]]  # the stored image is 4x4 patches
-    (edited / "index.json").write_text(json.dumps(index))
+    index = read_index(edited)
+    table = read_table(edited, index)
+    sample = int(table.shard_start[0]) + 1
+    assert table.image_start[sample + 1] - table.image_start[sample] == 1  # one image
+    grids = np.array(table.image_grid_thw)
+    grids[table.image_start[sample]] = [1, 4, 6]  # the stored image is 4x4 patches
+    write_index(edited, index, dataclasses.replace(table, image_grid_thw=grids))
+    entry = table.shard_entries(0)[1]
     loader = _loader(edited, processor, world_size=1, packing=False, num_workers=0)
     keys = [k for item in loader for k in item.keys]
     assert entry["key"] not in keys and loader.num_skipped == Counter({"mismatch": 1})
@@ -328,7 +328,7 @@ def test_eval_loader_fixed_order_every_sample_once_equal_steps(shard_dir: Path, 
     batches = [list(loader) for loader in loaders]
     assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(loaders[0])
     keys = [k for per_rank in batches for batch in per_rank for row in batch.keys for k in row]
-    all_keys = [s["key"] for shard in read_index(shard_dir)["shards"] for s in shard["samples"]]
+    all_keys = [s["key"] for s in read_table(shard_dir).entries()]
     assert sorted(keys) == sorted(set(all_keys) - {TOO_LONG}) and loaders[0].num_too_long == 1
     assert any(
         batch.keys == [[]] and batch.num_answer_tokens == 0 for per_rank in batches for batch in per_rank
@@ -370,7 +370,7 @@ def test_packed_rows_from_shards_equal_samples_one_by_one_in_the_tiny_model(
         )  # fmt: skip
     reader = SampleReader(processor)
     catalog = loader.catalog
-    refs = {catalog.display_key(i): catalog.refs[i] for i in range(len(catalog))}
+    refs = {catalog.display_key(i): catalog.ref(i) for i in range(len(catalog))}
     num_compared = 0
     for b, keys in enumerate(batch.keys):
         for j, key in enumerate(keys):
@@ -399,7 +399,7 @@ def test_token_ids_outside_the_vocabulary_are_a_skip_reason(
 ) -> None:
     edited = tmp_path / "edited"
     shutil.copytree(shard_dir, edited)
-    entry = read_index(edited)["shards"][2]["samples"][3]
+    entry = read_table(edited).shard_entries(2)[3]
     with open(edited / "shard-000002.tar", "r+b") as f:
         f.seek(entry["offset"])
         raw = f.read(entry["num_bytes"])
@@ -418,7 +418,7 @@ def test_image_in_a_format_off_the_allowlist_is_a_skip_reason(
 ) -> None:
     edited = tmp_path / "edited"
     shutil.copytree(shard_dir, edited)
-    entry = read_index(edited)["shards"][0]["samples"][1]
+    entry = read_table(edited).shard_entries(0)[1]
     with open(edited / "shard-000000.tar", "r+b") as f:
         f.seek(entry["offset"])
         png_at = f.read(entry["num_bytes"]).index(b"\x89PNG")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_tools import shards
+from data_tools.index import make_index, write_index
 from trainer.data import Planner, PlanSpec, best_fit_pack, load_catalog
 from trainer.data.plan import main
 
@@ -36,7 +37,7 @@ def write_index_only(directory: Path, lengths_per_shard: list[list[int]], prefix
                 "samples": samples,
             }
         )
-    shards.write_index(directory, shards.make_index(entries, {"fingerprint": "f", "name_or_path": "x"}, {}))
+    write_index(directory, *make_index(entries, {"fingerprint": "f", "name_or_path": "x"}, {}))
     return keys
 
 

@@ -348,13 +348,13 @@ def test_suggested_canvas_is_the_p99_answer_in_whole_blocks() -> None:
 
 
 def test_checkpoint_carries_the_run_settings(shift_run: Path, shards: Path, tmp_path: Path) -> None:
-    from data_tools.shards import read_index
+    from data_tools.index import read_index, read_table
 
     settings = read_settings(shift_run)
     assert settings is not None and SETTINGS_FILE in ckpt.read_state(shift_run)["manifest"]  # type: ignore[index]
     index = read_index(shards / "train")
     build = index["build"]
-    lengths = [s["num_answer_tokens"] for shard in index["shards"] for s in shard["samples"]]
+    lengths = read_table(shards / "train").num_answer_tokens.tolist()
     assert settings == {
         "shift": True,
         "answer_padding": {
