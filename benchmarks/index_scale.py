@@ -7,11 +7,11 @@ page image, 10% two pages; grids of 20-48 x 14-38 patches) is written with the p
 (`data_tools.index.make_index` + `write_index`, shard entries of 4,096 samples as the build emits
 them; no tar is needed: the catalog and the plan read the index only). Then a fresh process, as a
 rank does at start-up:
-- `load_catalog` (wall time; peak RSS of the process, `ru_maxrss`),
+- `load_catalog` (wall time; peak RSS above the imports, `VmHWM` - `VmRSS` before),
 - the epoch plan (`Planner.plan(0)`: mixing permutation + best-fit packing into 4,096-token rows,
   64 packs per global step = micro-batch 4 x accumulation 2 x 8 ranks),
 - a forked child standing in for a DataLoader worker (the loader forks on Linux) makes the sample
-  refs of its rank's first 200 steps; its private memory (`Private_*` of /proc/self/smaps_rollup)
+  refs of its rank's first 200 steps; its `Private_Dirty` memory (/proc/self/smaps_rollup)
   shows what the worker adds beyond the pages it shares with the rank.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import subprocess
 import sys
 import tempfile
@@ -77,41 +76,51 @@ def write_set(directory: Path, num_samples: int) -> float:
     return time.perf_counter() - start
 
 
-def private_mib() -> float:
-    """Memory this process does not share (anonymous pages it wrote, copied-on-write pages)."""
-    total = 0
+def status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (`VmRSS`, `VmHWM`: the peak RSS of
+    this program; unlike `ru_maxrss` it does not carry the parent's peak over the exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def private_dirty_mib() -> float:
+    """Memory this process wrote and shares with no one: its own allocations and the pages it copied
+    on write from the parent. (File pages it was first to read are `Private_Clean`: page cache.)"""
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith(("Private_Clean:", "Private_Dirty:")):
-            total += int(line.split()[1])
-    return total / 1024
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError("Private_Dirty")
 
 
 def _worker(catalog: Any, plan: Any, queue: Any) -> None:
     """What a loader worker does before reading tars: the sample refs of its rank's steps."""
-    base = private_mib()
+    at_start = private_dirty_mib()
     refs = [
         catalog.ref(i)
         for step in range(min(200, plan.num_steps))
         for p in plan.rank_packs(step, 0, 8)
         for i in p
     ]
-    queue.put({"refs": len(refs), "private_mib": private_mib(), "private_at_fork_mib": base})
+    queue.put({"refs": len(refs), "private_dirty_mib": private_dirty_mib(), "at_start_mib": at_start})
 
 
 def measure(directory: str) -> dict[str, float]:
     """One rank's start-up on `directory` (run in a fresh process)."""
     from trainer.data import Planner, PlanSpec, load_catalog
 
+    before = status_mib("VmRSS")  # the interpreter, torch and numpy
     start = time.perf_counter()
     catalog = load_catalog([directory])
     load_s = time.perf_counter() - start
-    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_rss = status_mib("VmHWM") - before
     start = time.perf_counter()
     plan = Planner(
         catalog, PlanSpec(weights=(1.0,), seed=0, max_tokens=MAX_TOKENS, packs_per_step=PACKS_PER_STEP)
     ).plan(0)
     plan_s = time.perf_counter() - start
-    plan_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    plan_rss = status_mib("VmHWM") - before
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_worker, args=(catalog, plan, queue))
@@ -121,12 +130,14 @@ def measure(directory: str) -> dict[str, float]:
     return {
         "samples": len(catalog),
         "load_s": load_s,
+        "imports_rss_mib": before,
         "load_peak_rss_mib": load_rss,
         "plan_s": plan_s,
         "peak_rss_after_plan_mib": plan_rss,
         "packs": len(plan.packs),
         "packing_efficiency": plan.packing_efficiency,
-        "worker_private_mib": worker["private_mib"],
+        "worker_private_dirty_mib": worker["private_dirty_mib"],
+        "worker_private_dirty_at_start_mib": worker["at_start_mib"],
         "worker_refs": worker["refs"],
     }
 
@@ -154,10 +165,12 @@ def main() -> int:
         rows.append(row)
         print(
             f"{n:>11,} samples: index {row['index_mib']:.0f} MiB written in {row['write_s']:.1f} s | "
-            f"load_catalog {row['load_s']:.2f} s, peak RSS {row['load_peak_rss_mib']:.0f} MiB | "
+            f"load_catalog {row['load_s']:.2f} s, +{row['load_peak_rss_mib']:.0f} MiB peak RSS | "
             f"epoch plan {row['plan_s']:.2f} s ({row['packs']:,} packs, efficiency "
-            f"{row['packing_efficiency']:.3f}), peak RSS {row['peak_rss_after_plan_mib']:.0f} MiB | "
-            f"worker private {row['worker_private_mib']:.0f} MiB after {row['worker_refs']:,} refs",
+            f"{row['packing_efficiency']:.3f}), +{row['peak_rss_after_plan_mib']:.0f} MiB peak RSS | "
+            f"worker private-dirty {row['worker_private_dirty_at_start_mib']:.0f} MiB at start, "
+            f"{row['worker_private_dirty_mib']:.0f} MiB after {row['worker_refs']:,} "
+            f"refs (RSS above the {row['imports_rss_mib']:.0f} MiB of the imports)",
             flush=True,
         )
     if args.json:
