@@ -33,7 +33,7 @@ RAINBOW_PADS = (
     "<|repo_name|>",
     "<|file_sep|>",
 )
-PADDING_MODES = ("random", "fixed", "none")
+PADDING_MODES = ("random", "uniform", "fixed", "none")
 PAD_TOKENS = ("eos", "rainbow")
 # Stands for the N-th text part while finding where the template puts message text (private-use
 # characters: no chat template writes them).
@@ -58,7 +58,9 @@ class AnswerPadding:
     - `mode` `fixed`: every answer padded to `length` targets (an answer as long keeps its ending);
       `random`: to a length drawn per sample between the answer's and `length`, the extra count
       log-uniform (`floor((room + 2) ** draw) - 1`, `draw` in [0, 1) from the sample's key), so
-      short and long canvases are both seen at a few pads per sample on average; `none`: no pads.
+      short and long canvases are both seen at a few pads per sample on average; `uniform`: the
+      extra count uniform in [0, room] (`floor(draw * (room + 1))`): long canvases seen as often as
+      short ones, at more pad tokens per sample; `none`: no pads.
     - `tokens` `eos`: `<|endoftext|>` repeated; `rainbow`: one `<|endoftext|>`, then a cycle of
       distinct unused special tokens (`RAINBOW_PADS`), so no single pad token becomes the answer
       to every uncertain position of a long canvas (Rainbow Padding).
@@ -76,6 +78,8 @@ class AnswerPadding:
             return answer_length
         if self.mode == "fixed":
             return self.length
+        if self.mode == "uniform":
+            return answer_length + int(self.draw * (room + 1))
         return answer_length + int((room + 2) ** self.draw) - 1
 
     def pad_ids(self, tokenizer: Any, count: int) -> list[int]:

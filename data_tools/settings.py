@@ -54,7 +54,8 @@ class BuildSettings:
     """Answer mask on the `last` assistant turn or on `all` assistant turns."""
     answer_padding: str = "random"
     """Pad targets after the last answer: `random` (to a length drawn per sample up to
-    `pad_answer_to`), `fixed` (to exactly `pad_answer_to`) or `none` (samples.AnswerPadding)."""
+    `pad_answer_to`, extra pads log-uniform), `uniform` (extra pads uniform), `fixed` (to exactly
+    `pad_answer_to`) or `none` (samples.AnswerPadding)."""
     pad_answer_to: int = 64
     """The padded answer length (`fixed`) or the largest one drawn (`random`); 0 = no padding.
     Generation canvases up to this length are the ones training covers."""
@@ -212,8 +213,9 @@ def add_build_options(
         "--answer-padding",
         choices=PADDING_MODES,
         default=defaults.answer_padding,
-        help="pad targets after the last answer: random (a length drawn per sample up to --pad-answer-to), "
-        "fixed (exactly --pad-answer-to) or none (default: %(default)s; docs/DESIGN.md §10)",
+        help="pad targets after the last answer: random (a length drawn per sample up to --pad-answer-to, "
+        "log-uniform), uniform (the same, uniform), fixed (exactly --pad-answer-to) or none "
+        "(default: %(default)s; docs/DESIGN.md §10)",
     )
     parser.add_argument(
         "--pad-answer-to",
