@@ -238,6 +238,7 @@ class Packs(Sequence[tuple[int, ...]]):
 # Items are read from numpy in chunks of this many: a Python list of all ten million lengths
 # (and of their bins) would hold ~700 MB of int objects.
 _PACK_CHUNK = 1 << 16
+_BIN_ID_BITS = 40
 
 
 def best_fit_pack(lengths: Sequence[int] | np.ndarray, max_tokens: int, window: int) -> Packs:
@@ -255,28 +256,33 @@ def best_fit_pack(lengths: Sequence[int] | np.ndarray, max_tokens: int, window: 
     if len(too_long):
         raise ValueError(f"item {too_long[0]} has {lengths[too_long[0]]} tokens > max_tokens {max_tokens}")
     bin_of = np.empty(len(lengths), dtype=np.int64)
-    open_bins: list[tuple[int, int]] = []  # sorted (room left, bin id)
+    # An open bin is one int, room << 40 | bin id: sorted ints order by room, then by age, and ints
+    # compare far faster than (room, id) tuples in this loop (ten million items at scale).
+    open_bins: list[int] = []
     closing: list[int] = []  # bin ids in closing order
     next_bin = 0
+    bisect_left, insort, id_mask = bisect.bisect_left, bisect.insort, (1 << _BIN_ID_BITS) - 1
     for lo in range(0, len(lengths), _PACK_CHUNK):
-        chunk_bins = []
+        chunk_bins: list[int] = []
+        add = chunk_bins.append
         for n in lengths[lo : lo + _PACK_CHUNK].tolist():
-            i = bisect.bisect_left(open_bins, (n, -1))
+            i = bisect_left(open_bins, n << _BIN_ID_BITS)
             if i < len(open_bins):
-                room, bin_id = open_bins.pop(i)
+                code = open_bins.pop(i)
+                room, bin_id = code >> _BIN_ID_BITS, code & id_mask
             else:
                 room, bin_id = max_tokens, next_bin
                 next_bin += 1
-            chunk_bins.append(bin_id)
+            add(bin_id)
             room -= n
             if room == 0:
                 closing.append(bin_id)
                 continue
-            bisect.insort(open_bins, (room, bin_id))
+            insort(open_bins, room << _BIN_ID_BITS | bin_id)
             if len(open_bins) > window:
-                closing.append(open_bins.pop(0)[1])
+                closing.append(open_bins.pop(0) & id_mask)
         bin_of[lo : lo + len(chunk_bins)] = chunk_bins
-    closing.extend(sorted(bin_id for _, bin_id in open_bins))
+    closing.extend(sorted(code & id_mask for code in open_bins))
     # Group items by their bin's closing rank; a stable sort keeps item order inside a bin.
     rank = np.empty(next_bin, dtype=np.int64)
     rank[np.asarray(closing, dtype=np.int64)] = np.arange(next_bin)
