@@ -1,103 +1,195 @@
-"""On CUDA: every attention backend in use there (compiled flex, flash when installed, sdpa) is
-bidirectional and packs exactly, and a bf16 MDLM step trains. Skipped without a GPU."""
+"""On CUDA, per attention backend (flash where flash-attn is installed, compiled flex, sdpa): two
+DeepSpeed ZeRO-2 bf16 steps of the trainer's own `Trainer` on packed rows with images, whose
+sub-sequences start and end inside flex's 128-token blocks. Each backend's first-step gradients of
+every trained weight (LoRA, the <|mask|> row) and its frozen vision tower's features (that tower
+runs flash_attention_2 under flash) equal sdpa's within bf16 rounding. Skipped without a GPU."""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
+from loader_shards import write_shard_set
 
-from trainer import attention
-from trainer.config import ModelConfig
-from trainer.diffusion import apply_masking, sample_sequence_t
-from trainer.model import build_mdlm_model
+from trainer import attention, distributed
+from trainer.config import build_deepspeed_config, load_config
+from trainer.distributed import DistInfo
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-
-def _rows(tokenizer: object) -> list[torch.Tensor]:
-    texts = [
-        "<|im_start|>user\nWhat colour is the square?<|im_end|>\n<|im_start|>assistant\nIt is red<|im_end|>\n",
-        "<|im_start|>user\nShape?<|im_end|>\n<|im_start|>assistant\ncircle<|im_end|>\n",
+BACKENDS = [
+    pytest.param(
+        "flash",
+        marks=pytest.mark.skipif(
+            not attention.flash_attn_available(), reason="flash-attn is not installed: pip install '.[flash]'"
+        ),
+    ),
+    "flex",
+    "sdpa",
+]
+# (question words, image grids) of samples of 53-231 tokens: packed to 512 tokens, the two steps' rows
+# hold one to five samples each (boundaries off flex's 128-token blocks) and padding tails.
+LAYOUT = [
+    [
+        (120, [(16, 16)]), (40, [(8, 12), (4, 4)]), (200, []), (90, [(12, 8)]), (60, [(8, 8)]),
+        (150, [(16, 12)]), (30, [(4, 8)]), (110, [(8, 8), (8, 8)]), (70, []), (180, [(12, 12)]),
+        (50, [(8, 4)]), (100, [(16, 8)]),
     ]
-    return [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+]  # fmt: skip
+MAX_TOKENS = 512
+# Relative error (norm) against sdpa. Kernels that sum in another order differ by bf16 rounding: eager,
+# on the CPU, by at most 1.5e-2 on any trained weight; sub-sequences that see each other move them by
+# 0.2-0.5. A boundary one token off (2-5e-2) hides in bf16's noise: tests/unit checks that in float32.
+TOLERANCE = 5e-2
 
 
-def _packed(rows: list[torch.Tensor], pad_id: int, pad: int = 8) -> tuple[torch.Tensor, ...]:
-    length = sum(len(r) for r in rows) + pad
-    ids = torch.full((1, length), pad_id)
-    seq_ids = torch.full((1, length), -1)
-    pos = torch.zeros(3, 1, length, dtype=torch.long)
-    start = 0
-    for s, r in enumerate(rows):
-        ids[0, start : start + len(r)], seq_ids[0, start : start + len(r)] = r, s
-        pos[:, 0, start : start + len(r)] = torch.arange(len(r))
-        start += len(r)
-    return ids, pos, seq_ids
+@dataclass
+class Run:
+    """What one backend's two steps leave behind (on the host)."""
+
+    losses: list[float]
+    gradients: dict[str, torch.Tensor]
+    """Every trained weight's full gradient of the first step, before its update, float32."""
+    image_embeds: list[torch.Tensor]
+    """The frozen tower's merged image tokens of each micro-batch, float32."""
+    seq_ids: list[torch.Tensor]
+    """Each micro-batch's ``seq_ids``."""
+    vision_attention: str
 
 
-@pytest.mark.parametrize("backend", attention.available_backends("cuda") if torch.cuda.is_available() else [])
-def test_cuda_backend_packs_exactly_and_is_bidirectional(tiny_model_dir: Path, backend: str) -> None:
-    mdlm = build_mdlm_model(
-        ModelConfig(str(tiny_model_dir), attn_implementation=backend), dtype=torch.bfloat16
+@pytest.fixture(scope="module")
+def shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("packed-image-shards")
+    write_shard_set(directory, AutoTokenizer.from_pretrained(tiny_model_dir), LAYOUT)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def process_group() -> Iterator[DistInfo]:
+    """A one-rank NCCL group, as a plain `python -m trainer train` makes, for the whole module."""
+    with mock.patch.dict(os.environ):  # setup sets RANK, MASTER_PORT, ... for itself
+        info = distributed.setup()
+        yield info
+        distributed.teardown()
+
+
+def _draw_lora_b(build: Callable[..., Any]) -> Callable[..., Any]:
+    """`build_training_model` with LoRA B drawn instead of zero, before DeepSpeed copies the weights:
+    the adapters then act in the forward and LoRA A gets a gradient at the first step."""
+
+    def build_model(*args: Any) -> Any:
+        model = build(*args)
+        generator = torch.Generator().manual_seed(0)
+        for name, param in model.engine_module.named_parameters():
+            if "lora_B" in name:
+                param.data.copy_(0.02 * torch.randn(param.shape, generator=generator))
+        return model
+
+    return build_model
+
+
+def _train_two_steps(backend: str, model_dir: Path, shards: Path, output_dir: Path, info: DistInfo) -> Run:
+    from deepspeed.utils import safe_get_full_grad
+
+    from trainer import train
+
+    config = load_config(None, {
+        "model.name_or_path": str(model_dir), "model.attn_implementation": backend, "lora.dropout": 0.0,
+        "data.train": [str(shards)], "data.max_tokens": MAX_TOKENS, "data.num_workers": 0,
+        "schedule.micro_batch_size": 2, "schedule.grad_accum_steps": 1, "schedule.max_steps": 2,
+        "deepspeed.precision": "bf16", "checkpoint.save_at_end": False, "logging.report_to": [],
+        "logging.progress": False, "output_dir": str(output_dir), "seed": 0,
+    })  # fmt: skip
+    # Built as for a CPU run: the client torch AdamW, not DeepSpeed's fused Adam (a JIT build of ~45 s;
+    # the gradients compared are taken before any update).
+    ds_config = build_deepspeed_config(config, world_size=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "build_training_model", _draw_lora_b(train.build_training_model))
+        trainer = train.Trainer(config, ds_config, None, info)
+
+    batches: list[Any] = []
+    micro_step = trainer.micro_step
+
+    def micro_step_keeping_batches(batch: Any, *args: Any) -> Any:
+        batches.append(batch)
+        return micro_step(batch, *args)
+
+    engine = trainer.engine
+    gradients: dict[str, torch.Tensor] = {}
+    engine_step = engine.step
+
+    def step_keeping_first_gradients() -> None:
+        if not gradients:
+            gradients.update({
+                name: safe_get_full_grad(param).float().cpu()
+                for name, param in engine.module.named_parameters() if param.requires_grad
+            })  # fmt: skip
+        engine_step()
+
+    trainer.micro_step = micro_step_keeping_batches
+    engine.step = step_keeping_first_gradients
+    result = trainer.train()
+    image_embeds = [
+        trainer.model.vision_features(b.pixel_values, b.image_grid_thw).image_embeds.float().cpu()
+        for b in batches
+    ]
+    return Run(
+        result.losses, gradients, image_embeds, [b.seq_ids.cpu() for b in batches],
+        trainer.model.visual.config._attn_implementation,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tiny_model_dir: Path, shards: Path, tmp_path_factory: pytest.TempPathFactory, process_group: DistInfo
+) -> Callable[[str], Run]:
+    """Each backend's run, once per module (sdpa's is every other backend's reference)."""
+    done: dict[str, Run] = {}
+
+    def run(backend: str) -> Run:
+        if backend not in done:
+            output_dir = tmp_path_factory.mktemp(f"run-{backend}")
+            done[backend] = _train_two_steps(backend, tiny_model_dir, shards, output_dir, process_group)
+        return done[backend]
+
+    return run
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_deepspeed_bf16_steps_per_backend_match_sdpa(runs: Callable[[str], Run], backend: str) -> None:
+    run, reference = runs(backend), runs("sdpa")
+    # The batches: rows past three flex blocks, several sub-sequences in a row, segments that end
+    # inside a block, images.
+    for seq_ids, embeds in zip(run.seq_ids, run.image_embeds, strict=True):
+        cu_seqlens, _ = attention.varlen_boundaries(seq_ids)
+        assert seq_ids.shape[1] > 3 * 128 and int(seq_ids.max()) >= 2
+        assert (cu_seqlens % 128 != 0).any() and len(embeds) > 0
+    assert run.vision_attention == ("flash_attention_2" if backend == "flash" else "sdpa")
+    assert len(run.losses) == 2 and all(math.isfinite(loss) for loss in run.losses)
+    assert run.losses[0] == pytest.approx(reference.losses[0], rel=1e-2)
+
+    for embeds, reference_embeds in zip(run.image_embeds, reference.image_embeds, strict=True):
+        assert _relative_error(embeds, reference_embeds) < TOLERANCE
+    assert run.gradients.keys() == reference.gradients.keys()
+    assert (
+        sum("lora_A" in name for name in run.gradients) == sum("lora_B" in name for name in run.gradients) > 0
     )
-    mdlm.base_model.to("cuda").eval()
-    tok = mdlm.tokenizer
-    rows = _rows(tok)
-    ids, pos, seq_ids = (x.cuda() for x in _packed(rows, tok.pad_token_id))
-    with torch.no_grad():
-        packed = mdlm.engine_module(ids, pos, seq_ids)
-        start = 0
-        for r in rows:
-            alone_ids, alone_pos, alone_seq = (x.cuda() for x in _packed([r], tok.pad_token_id, pad=0))
-            alone = mdlm.engine_module(alone_ids, alone_pos, alone_seq)
-            torch.testing.assert_close(packed[0, start : start + len(r)], alone[0], atol=2e-2, rtol=2e-2)
-            start += len(r)
-        changed = ids.clone()
-        changed[0, len(rows[0]) - 1] = tok.convert_tokens_to_ids("<|vision_end|>")
-        moved = mdlm.engine_module(changed, pos, seq_ids)
-    # Changing the last token of the first sub-sequence moves its first position, not the second's.
-    assert not torch.equal(moved[0, 0], packed[0, 0])
-    torch.testing.assert_close(moved[0, len(rows[0]) :], packed[0, len(rows[0]) :])
-
-
-def test_bf16_mdlm_step_trains_on_cuda(tiny_model_dir: Path) -> None:
-    backend = attention.available_backends("cuda")[0]
-    mdlm = build_mdlm_model(
-        ModelConfig(str(tiny_model_dir), attn_implementation=backend), dtype=torch.bfloat16
-    )
-    mdlm.base_model.to("cuda").train()
-    tok = mdlm.tokenizer
-    ids, pos, seq_ids = (x.cuda() for x in _packed(_rows(tok), tok.pad_token_id))
-    answer_mask = torch.zeros_like(ids, dtype=torch.bool)
-    answer_mask[0, 20:30] = True
-    answer_mask &= seq_ids >= 0
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    t_BS = sample_sequence_t(seq_ids, eps=1e-3, stratified=True, generator=generator)
-    noisy = apply_masking(
-        ids, answer_mask, seq_ids, t_BS, mask_token_id=mdlm.mask_token_id, generator=generator
-    )
-    params = [p for p in mdlm.engine_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    losses = []
-    for _ in range(5):
-        out = mdlm.engine_module(
-            noisy.noisy_input_ids,
-            pos,
-            seq_ids,
-            target_ids=noisy.target_ids,
-            masked=noisy.masked,
-            loss_weight=noisy.loss_weight,
-            answer_mask=answer_mask,
-            num_normalizer=int(answer_mask.sum()),
-        )
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
+    for name, gradient in run.gradients.items():
+        assert reference.gradients[name].norm() > 0, name
+        assert _relative_error(gradient, reference.gradients[name]) < TOLERANCE, name

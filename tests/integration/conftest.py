@@ -5,14 +5,35 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from launch_helpers import child_env
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _forget_deepspeed_accelerator() -> None:
+    """DeepSpeed keeps the accelerator it detected first: drop it, so the next user detects again."""
+    detection = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    if detection is not None:
+        detection.ds_accelerator = None
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every integration test runs on the CPU, so a GPU machine runs them unchanged: processes they
+    launch see no GPU (child_env, and what inherits this environment), and a run in this process
+    (the Python API) takes the CPU path even after tests/gpu used the GPU here."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _forget_deepspeed_accelerator()
+    yield
+    _forget_deepspeed_accelerator()  # a GPU test after this one finds CUDA again
 
 
 def _text_rows(num: int, split: str) -> list[dict[str, Any]]:

@@ -13,9 +13,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def child_env() -> dict[str, str]:
-    """Environment of launched ranks: one thread each, offline, repo importable."""
+    """Environment of launched ranks: on the CPU (gloo, the CPU's golden losses, also on a GPU
+    machine), one thread each, offline, repo importable."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",
+    )  # fmt: skip
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

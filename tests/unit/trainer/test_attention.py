@@ -1,11 +1,15 @@
 """Packed bidirectional attention: kernels against the dense reference, and the model per backend.
 
 docs/DESIGN.md §1: every backend in use must be shown bidirectional (a late token moves an early
-logit), causal when the causal flags are set back, and padding invariant.
+logit), causal when the causal flags are set back, and padding invariant. flash-attn needs CUDA: here
+its varlen kernel is replaced by a float64 loop over ``cu_seqlens``, so the wrapper's packing is tested.
 """
 
 from __future__ import annotations
 
+import itertools
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from torch import nn
 
 from trainer import attention
 from trainer.config import ModelConfig
+from trainer.data.batch import LoadedSample, collate_rows
 from trainer.model import MDLMModel, build_mdlm_model, set_text_causal
 
 BACKENDS = attention.available_backends("cpu")  # sdpa, eager, flex here; flash only on CUDA
@@ -77,6 +82,59 @@ def test_backend_matches_per_sequence_reference(backend: str, causal: bool) -> N
     assert out.shape == (2, 12, 4, 16)
     assert torch.allclose(out[real], expected[real], atol=1e-10)
     assert torch.isfinite(out).all()  # padding rows too
+
+
+@pytest.fixture
+def fake_flash(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """``flash_attn`` replaced by a module whose varlen function is a float64 loop over ``cu_seqlens``
+    (flash-attn's contract: tokens [T, H, D], k/v heads shared by consecutive query heads); returns the
+    ``cu_seqlens`` of every call."""
+    calls: list[torch.Tensor] = []
+
+    def flash_attn_varlen_func(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+        softmax_scale: float | None = None, causal: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        longest = int(cu_seqlens_q.diff().max())
+        assert int(cu_seqlens_q[-1]) == len(q) and max_seqlen_q == max_seqlen_k == longest
+        assert dropout_p == 0.0 and (
+            softmax_scale is None or softmax_scale == pytest.approx(q.shape[-1] ** -0.5)
+        )
+        calls.append(cu_seqlens_q)
+        out = torch.empty_like(q)
+        for start, end in itertools.pairwise(cu_seqlens_q.tolist()):
+            # One segment alone is one sequence of the reference: [1, H, S, D].
+            q_1HSD, k_1HSD, v_1HSD = (x[start:end].transpose(0, 1)[None].double() for x in (q, k, v))
+            one_seq = torch.zeros(1, end - start, dtype=torch.long)
+            out[start:end] = _reference(q_1HSD, k_1HSD, v_1HSD, one_seq, causal)[0].to(q.dtype)
+        return out
+
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = flash_attn_varlen_func  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    return calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_wrapper_packs_like_sdpa(fake_flash: list[torch.Tensor], causal: bool) -> None:
+    """Flattening [B, H, L, D] to tokens, the segments (padding tails, a row that starts with the id its
+    neighbour ended with) and the way back to [B, L, H, D] give the sdpa backend's output."""
+    torch.manual_seed(0)
+    seq_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 3 + [-1] * 3, [0] * 13 + [1] * 7, [0] * 4 + [-1] * 16])
+    q = torch.randn(3, 4, 20, 16)
+    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    module = _Module(causal)
+    outputs = {}
+    for backend in ("flash", "sdpa"):
+        packed = attention.prepare_packed_attention(seq_ids, backend)
+        function = attention._FUNCTIONS[backend]
+        outputs[backend], _ = function(module, q, k, v, None, scaling=16**-0.5, **{attention.KWARG: packed})
+    assert [c.tolist() for c in fake_flash] == [[0, 5, 14, 17, 20, 33, 40, 44, 60]]
+    real = seq_ids >= 0
+    assert outputs["flash"].shape == (3, 20, 4, 16) and torch.isfinite(outputs["flash"]).all()
+    torch.testing.assert_close(outputs["flash"][real], outputs["sdpa"][real], atol=1e-6, rtol=1e-5)
 
 
 def test_backends_are_registered_in_transformers() -> None:
@@ -149,6 +207,38 @@ def test_model_bidirectional_causal_and_padding(mdlm: MDLMModel, backend: str) -
         assert torch.allclose(batch[1, : len(short)], _hidden(mdlm, [short])[0], atol=1e-5)
     finally:
         mdlm.set_attention("sdpa")
+
+
+def test_model_flash_path_equals_sdpa_with_a_fake_kernel(
+    mdlm: MDLMModel, fake_flash: list[torch.Tensor]
+) -> None:
+    """The flash backend inside the model: the batch's ``cu_seqlens`` reach every layer's kernel and
+    the packed rows' hidden states equal sdpa's."""
+    tok = mdlm.tokenizer
+    samples = []
+    for key, question, answer in (
+        ("a", "Colour?", "red"),
+        ("b", "Which shape is it?", "a wide blue oval"),
+        ("c", "Hi", "hello"),
+    ):
+        ids, first_answer = _conversation(tok, question, answer)
+        answer_mask = torch.arange(len(ids)) >= first_answer
+        samples.append(LoadedSample(key, ids, answer_mask, torch.arange(len(ids)).expand(3, -1), None, None))
+    batch = collate_rows([samples[:2], samples[2:]], tok.pad_token_id)
+    with torch.no_grad():
+        sdpa = mdlm.engine_module(batch.input_ids, batch.position_ids, batch.seq_ids)
+        mdlm.set_attention("flash")
+        try:
+            flash = mdlm.engine_module(
+                batch.input_ids, batch.position_ids, batch.seq_ids, cu_seqlens=batch.cu_seqlens,
+                max_seqlen=batch.max_seqlen,
+            )  # fmt: skip
+        finally:
+            mdlm.set_attention("sdpa")
+    num_layers = len(mdlm.base_model.model.language_model.layers)
+    assert [c.tolist() for c in fake_flash] == [batch.cu_seqlens.tolist()] * num_layers
+    real = batch.seq_ids >= 0
+    torch.testing.assert_close(flash[real], sdpa[real], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stock", ["sdpa", "eager"])
