@@ -8,8 +8,8 @@ page image, 10% two pages; grids of 20-48 x 14-38 patches) is written with the p
 them; no tar is needed: the catalog and the plan read the index only). Then a fresh process, as a
 rank does at start-up:
 - `load_catalog` (wall time; peak RSS above the imports, `VmHWM` - `VmRSS` before),
-- the epoch plan (`Planner.plan(0)`: mixing permutation + best-fit packing into 4,096-token rows,
-  64 packs per global step = micro-batch 4 x accumulation 2 x 8 ranks),
+- the epoch plan (`Planner.plan(0)`, wall and CPU seconds: mixing permutation + best-fit packing
+  into 4,096-token rows, 64 packs per global step = micro-batch 4 x accumulation 2 x 8 ranks),
 - a forked child standing in for a DataLoader worker (the loader forks on Linux) makes the sample
   refs of its rank's first 200 steps; its `Private_Dirty` memory (/proc/self/smaps_rollup)
   shows what the worker adds beyond the pages it shares with the rank.
@@ -115,11 +115,11 @@ def measure(directory: str) -> dict[str, float]:
     catalog = load_catalog([directory])
     load_s = time.perf_counter() - start
     load_rss = status_mib("VmHWM") - before
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     plan = Planner(
         catalog, PlanSpec(weights=(1.0,), seed=0, max_tokens=MAX_TOKENS, packs_per_step=PACKS_PER_STEP)
     ).plan(0)
-    plan_s = time.perf_counter() - start
+    plan_s, plan_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     plan_rss = status_mib("VmHWM") - before
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -133,6 +133,7 @@ def measure(directory: str) -> dict[str, float]:
         "imports_rss_mib": before,
         "load_peak_rss_mib": load_rss,
         "plan_s": plan_s,
+        "plan_cpu_s": plan_cpu_s,
         "peak_rss_after_plan_mib": plan_rss,
         "packs": len(plan.packs),
         "packing_efficiency": plan.packing_efficiency,
@@ -166,7 +167,7 @@ def main() -> int:
         print(
             f"{n:>11,} samples: index {row['index_mib']:.0f} MiB written in {row['write_s']:.1f} s | "
             f"load_catalog {row['load_s']:.2f} s, +{row['load_peak_rss_mib']:.0f} MiB peak RSS | "
-            f"epoch plan {row['plan_s']:.2f} s ({row['packs']:,} packs, efficiency "
+            f"epoch plan {row['plan_s']:.2f} s ({row['plan_cpu_s']:.2f} s CPU; {row['packs']:,} packs, efficiency "
             f"{row['packing_efficiency']:.3f}), +{row['peak_rss_after_plan_mib']:.0f} MiB peak RSS | "
             f"worker private-dirty {row['worker_private_dirty_at_start_mib']:.0f} MiB at start, "
             f"{row['worker_private_dirty_mib']:.0f} MiB after {row['worker_refs']:,} "
