@@ -88,7 +88,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 class PackedAttention:
     """Block structure of a packed micro-batch, prepared once per forward and shared by all layers.
 
-    Build it with :func:`prepare_packed_attention`. Masks are made lazily per (causal) setting and
+    Build it with :func:`prepare_packed_attention`, which builds the bidirectional mask of the backend
+    (once per batch, outside any compiled decoder layer); a causal one is made on first use. Masks are
     cached here, so a 28-layer model builds each mask once.
     """
 
@@ -181,6 +182,12 @@ def prepare_packed_attention(
             cu_seqlens, max_seqlen = varlen_boundaries(seq_ids_BL)
         packed.cu_seqlens = cu_seqlens.to(device=seq_ids_BL.device, dtype=torch.int32)
         packed.max_seqlen = int(max_seqlen)
+    elif backend == "flex":
+        # The bidirectional mask (docs/DESIGN.md §1) is built here, not by the first layer: a compiled
+        # layer would trace its build and recompile for the layers that find it cached.
+        packed.block_mask(causal=False)
+    else:
+        packed.dense_mask(causal=False)
     return packed
 
 
@@ -275,7 +282,12 @@ def flex_packed_attention(
     packed = _structure(kwargs, query, "flex")
     block_mask = packed.block_mask(causal=bool(getattr(module, "is_causal", False)))
     enable_gqa = query.shape[1] != key.shape[1]
-    if query.device.type == "cuda":
+    if torch.compiler.is_compiling():
+        # Inside a compiled decoder layer (model.compile): that compilation lowers flex itself.
+        out_BHLD = flex_attention(
+            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa
+        )
+    elif query.device.type == "cuda":
         out_BHLD = _compiled_flex_attention()(
             query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa
         )

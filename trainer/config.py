@@ -52,6 +52,11 @@ class ModelConfig:
     """Packed bidirectional attention backend: auto | flash | flex | sdpa (auto = best installed)."""
     gradient_checkpointing: bool = False
     """Recompute language-model activations in backward to save memory."""
+    compile: bool = False
+    """``torch.compile`` (inductor) each language-model decoder layer on its own (regional
+    compilation; ZeRO-0/1/2, not ZeRO-3). It compiles at the first step, once more at the first new
+    packed length (the length then stays dynamic) and for the held-out evaluation's no-grad forwards;
+    the ``export``, ``generate`` and ``evaluate`` commands run eager."""
     freeze_vision: bool = True
     """Keep the vision tower frozen and outside the DeepSpeed engine (docs/DESIGN.md §2)."""
     freeze_merger: bool = True
@@ -305,6 +310,7 @@ ALIASES: dict[str, str | None] = {
     "fp16": None,
     "tf32": "deepspeed.tf32",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "torch_compile": "model.compile",
     "dataloader_num_workers": "data.num_workers",
     "dataloader_drop_last": "data.drop_remainder",
     "attn_implementation": "model.attn_implementation",
@@ -1003,6 +1009,12 @@ def build_deepspeed_config(
     _fill(ds, "gradient_clipping", float(config.optim.max_grad_norm), source, "optim.max_grad_norm")
     _fill_precision(ds, resolve_precision(config, cuda, bf16_supported), source)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if config.model.compile and zero_stage(ds) == 3:
+        # Seen on the tiny model: 35 compiled graphs over 4 steps (a break at every hooked module), ZeRO-2: 2.
+        raise ConfigError(
+            f"model.compile with ZeRO-3 ({source}): ZeRO-3's parameter hooks on every module break each "
+            "compiled layer into pieces; use --deepspeed zero2 or leave model.compile off"
+        )
     _fill_zero_sizes(zero, config.model.name_or_path, source)
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
     # GPU: DeepSpeed's fused Adam (CPU Adam when the optimizer is offloaded); CPU: torch AdamW.

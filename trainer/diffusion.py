@@ -7,13 +7,18 @@ for the linear schedule), ``answer_mask`` the tokens that may be masked, ``maske
 ``noisy_input_ids`` the input with ``masked`` tokens replaced. Shape suffixes: B rows, L tokens,
 S sub-sequences per row, M masked tokens, H hidden, V vocabulary.
 
+:func:`gather_masked` lists the masked tokens (:class:`MaskedTargets`) where ``masked`` lies: the
+trainer draws its noise on the host (a CPU generator) and gathers there, so the loss on the device
+knows their count M without reading anything back.
+
 The estimator (Sahoo et al. 2024; LLaDA SFT) for one sub-sequence x with answer tokens A:
 
     loss(x) = E_t E_{masked ~ Bernoulli(p_mask(t)) on A} [ sum_{i masked} loss_weight(t) * CE_i ]
 
 and the batch loss is its sum over sub-sequences divided by a normaliser (see
-:func:`masked_diffusion_loss`). Only masked positions go through the LM head, in chunks: full logits
-for every position would be [B, L, 151936].
+:func:`masked_diffusion_loss`). Only masked positions go through the LM head, in chunks (or, where
+liger-kernel runs, its fused linear cross-entropy: :func:`fused_linear_ce`): full logits for every
+position would be [B, L, 151936].
 
 ``shift``: with ``shift=False`` the hidden state at position i predicts token i (the MDLM/LLaDA
 convention). With ``shift=True`` the hidden state at position i-1 predicts token i (Dream /
@@ -25,12 +30,16 @@ follow a prompt.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
@@ -238,6 +247,52 @@ def gather_source_positions(
     return rows_M, cols_M, source_M
 
 
+@dataclass
+class MaskedTargets:
+    """The masked tokens of a batch in row-major order (:func:`gather_masked`): where the hidden state
+    that predicts each one lies, its clean id and its loss weight. Their count M is a shape, known
+    wherever the tensors lie: gathered on the host, it needs no read back from the device."""
+
+    rows_M: torch.Tensor
+    """[M] long: the row of each masked token."""
+    source_M: torch.Tensor
+    """[M] long: the position of the hidden state that predicts it (its own; the one before with ``shift``)."""
+    targets_M: torch.Tensor
+    """[M] long: its clean id."""
+    weight_M: torch.Tensor
+    """[M] float32: its loss weight."""
+
+    @property
+    def num_masked(self) -> int:
+        """M."""
+        return self.rows_M.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedTargets:
+        """The same targets on ``device``."""
+        return MaskedTargets(
+            self.rows_M.to(device, non_blocking=non_blocking),
+            self.source_M.to(device, non_blocking=non_blocking),
+            self.targets_M.to(device, non_blocking=non_blocking),
+            self.weight_M.to(device, non_blocking=non_blocking),
+        )
+
+
+def gather_masked(
+    target_ids_BL: torch.Tensor,
+    masked_BL: torch.Tensor,
+    loss_weight_BL: torch.Tensor,
+    *,
+    shift: bool = False,
+    seq_ids_BL: torch.Tensor | None = None,
+) -> MaskedTargets:
+    """The masked tokens of ``masked_BL`` with their targets and loss weights (``shift`` as in the
+    module docstring; ``seq_ids_BL`` lets it check that every predecessor lies in the same sub-sequence)."""
+    rows_M, cols_M, source_M = gather_source_positions(masked_BL.bool(), shift=shift, seq_ids_BL=seq_ids_BL)
+    return MaskedTargets(
+        rows_M, source_M, target_ids_BL[rows_M, cols_M], loss_weight_BL[rows_M, cols_M].float()
+    )
+
+
 def _chunk_ce(
     hidden_MH: torch.Tensor,
     targets_M: torch.Tensor,
@@ -256,26 +311,26 @@ def masked_cross_entropy(
     lm_head: Callable[[torch.Tensor], torch.Tensor],
     *,
     mask_token_id: int,
-    chunk_size: int = 1024,
+    chunk_size: int | None = 1024,
     checkpoint_chunks: bool = True,
 ) -> MaskedCE:
     """Per-token CE [M] of ``lm_head(hidden)`` against ``targets`` (and whether the argmax hit it),
-    ``chunk_size`` rows at a time.
+    ``chunk_size`` rows at a time (None: all in one call).
 
     ``lm_head`` is called as a module (ZeRO-3 gathers its weight). With ``checkpoint_chunks`` (and
     grad enabled) each chunk's [chunk, V] logits are recomputed in backward instead of kept, so at
-    most one chunk of logits is alive. Under ZeRO-3 every rank must call the head equally often:
-    callers pass one chunk as wide as the largest masked count of any rank
-    (:func:`trainer.distributed.agreed_head_chunk`) and, on a rank with nothing masked, call
-    :func:`head_placeholder` instead.
+    most one chunk of logits is alive. Under ZeRO-3 every rank must call the head equally often,
+    with no collective to agree on M: callers pass ``chunk_size=None`` (one call whatever M is) and,
+    on a rank with nothing masked, call :func:`head_placeholder` instead (docs/DESIGN.md §4).
     """
     if hidden_MH.shape[0] == 0:
         empty = hidden_MH.new_zeros(0, dtype=torch.float32)
         return MaskedCE(empty, empty)
+    width = chunk_size or hidden_MH.shape[0]
     ce_pieces, correct_pieces = [], []
-    for start in range(0, hidden_MH.shape[0], chunk_size):
-        h_CH = hidden_MH[start : start + chunk_size]
-        y_C = targets_M[start : start + chunk_size]
+    for start in range(0, hidden_MH.shape[0], width):
+        h_CH = hidden_MH[start : start + width]
+        y_C = targets_M[start : start + width]
         if checkpoint_chunks and torch.is_grad_enabled() and h_CH.requires_grad:
             ce_C, correct_C = checkpoint(_chunk_ce, h_CH, y_C, lm_head, mask_token_id, use_reentrant=False)
         else:
@@ -293,41 +348,99 @@ def head_placeholder(
     return 0.0 * lm_head(hidden_BLH[:1, :1]).float().sum()
 
 
+FusedLinearCE = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(hidden [M, H], weight [V, H], targets [M], bias [V]) -> CE [M]`` float32, differentiable in
+hidden, weight and bias, no [M, V] logits kept: liger-kernel's fused linear cross-entropy with
+``reduction="none"`` (:func:`fused_linear_ce`)."""
+
+LIGER_MIN_VERSION = "0.8.2"
+"""The first liger-kernel whose ``reduction="none"`` backward weights each token by its own upstream
+gradient (before, all took the first token's: linkedin/Liger-Kernel#1298); the loss weights need it."""
+
+
+def fused_linear_ce(device: torch.device) -> FusedLinearCE | None:
+    """liger-kernel's fused linear cross-entropy where it runs (installed, at least
+    :data:`LIGER_MIN_VERSION`, and ``device`` is CUDA: Triton kernels), else None: the head then runs
+    in chunks (:func:`masked_cross_entropy`)."""
+    if device.type != "cuda":
+        return None
+    try:
+        version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    from packaging.version import Version  # a dependency of transformers and of liger-kernel
+
+    if Version(version) < Version(LIGER_MIN_VERSION):
+        warnings.warn(
+            f"liger-kernel {version} weights per-token gradients wrongly: the masked loss runs in chunks "
+            f"(pip install 'liger-kernel>={LIGER_MIN_VERSION}' for the fused one)",
+            stacklevel=2,
+        )
+        return None
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    # A trained head's gradient adds up over liger's many small chunks: in float32, not bf16.
+    return functools.partial(liger_fused_linear_cross_entropy, reduction="none", accum_dtype=torch.float32)
+
+
+def _fused_masked_ce(
+    hidden_MH: torch.Tensor,
+    targets_M: torch.Tensor,
+    lm_head: nn.Module,
+    mask_token_id: int,
+    fused_ce: FusedLinearCE,
+) -> torch.Tensor:
+    """Per-token CE [M] through ``fused_ce`` on the head's one ``nn.Linear``: the head itself, or the
+    base layer under trainer.model's trainable-tokens wrapper, whose logits are the base layer's but
+    for the ``<|mask|>`` column, which is -inf here anyway."""
+    linears = [module for module in lm_head.modules() if isinstance(module, nn.Linear)]
+    if len(linears) != 1:
+        raise ValueError(
+            f"the fused masked loss needs a head with one nn.Linear; {type(lm_head).__name__} has {len(linears)}"
+        )
+    (linear,) = linears
+    # The mask token is never a prediction: its logit is -inf, as the chunked path sets it.
+    bias_V = hidden_MH.new_zeros(linear.out_features)
+    bias_V[mask_token_id] = float("-inf")
+    if linear.bias is not None:
+        bias_V = linear.bias + bias_V
+    return fused_ce(hidden_MH, linear.weight, targets_M, bias_V)
+
+
 def masked_diffusion_loss(
     hidden_BLH: torch.Tensor,
-    lm_head: Callable[[torch.Tensor], torch.Tensor],
-    target_ids_BL: torch.Tensor,
-    masked_BL: torch.Tensor,
-    loss_weight_BL: torch.Tensor,
+    lm_head: nn.Module,
+    targets: MaskedTargets,
     *,
     mask_token_id: int,
     num_normalizer: float | torch.Tensor | None = None,
     answer_mask_BL: torch.Tensor | None = None,
-    seq_ids_BL: torch.Tensor | None = None,
-    shift: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = 1024,
     checkpoint_chunks: bool = True,
+    fused_ce: FusedLinearCE | None = None,
 ) -> DiffusionLoss:
-    """The MDLM loss at masked positions only.
+    """The MDLM loss at the masked tokens ``targets`` (:func:`gather_masked`) only.
 
     ``sum(loss_weight * CE) / num_normalizer``: pass the number of answer tokens in
     ``num_normalizer`` (the trainer makes it global across micro-batches and ranks so the gradient
     does not depend on packing or sharding; docs/DESIGN.md §3); it defaults to this batch's
-    ``answer_mask`` count.
+    ``answer_mask`` count. With ``fused_ce`` (:func:`fused_linear_ce`) the head and the CE run as one
+    kernel on the gathered hidden states, no logits tensor at all; else :func:`masked_cross_entropy`
+    runs ``lm_head`` in chunks of ``chunk_size``.
     """
-    masked_BL = masked_BL.bool()
-    rows_M, cols_M, source_M = gather_source_positions(masked_BL, shift=shift, seq_ids_BL=seq_ids_BL)
-    ce_M = masked_cross_entropy(
-        hidden_BLH[rows_M, source_M],
-        target_ids_BL[rows_M, cols_M],
-        lm_head,
-        mask_token_id=mask_token_id,
-        chunk_size=chunk_size,
-        checkpoint_chunks=checkpoint_chunks,
-    ).ce
-    weight_M = loss_weight_BL[rows_M, cols_M].float()
-    weighted_M = weight_M * ce_M
-    num_masked = masked_BL.sum()
+    hidden_MH = hidden_BLH[targets.rows_M, targets.source_M]
+    if fused_ce is not None and targets.num_masked:
+        ce_M = _fused_masked_ce(hidden_MH, targets.targets_M, lm_head, mask_token_id, fused_ce)
+    else:
+        ce_M = masked_cross_entropy(
+            hidden_MH,
+            targets.targets_M,
+            lm_head,
+            mask_token_id=mask_token_id,
+            chunk_size=chunk_size,
+            checkpoint_chunks=checkpoint_chunks,
+        ).ce
+    weighted_M = targets.weight_M * ce_M
 
     total = weighted_M.sum()
     if num_normalizer is not None:
@@ -338,13 +451,13 @@ def masked_diffusion_loss(
         divisor = answer_mask_BL.bool().sum().clamp(min=1)
     if isinstance(divisor, torch.Tensor):
         divisor = divisor.to(total.device, total.dtype)
-    if ce_M.numel() == 0:
+    if not targets.num_masked:
         total = total + head_placeholder(hidden_BLH, lm_head)
     return DiffusionLoss(
         loss=total / divisor,
         weighted_ce_sum=weighted_M.sum().detach(),
         ce_sum=ce_M.sum().detach(),
-        num_masked=num_masked,
+        num_masked=hidden_BLH.new_full((), targets.num_masked, dtype=torch.long),
     )
 
 

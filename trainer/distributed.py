@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,11 @@ def setup(timeout_s: float = 600.0) -> DistInfo:
     ``timeout_s`` bounds every collective: a rank waiting for a dead peer fails instead of hanging."""
     import deepspeed  # only the loop imports deepspeed (docs/CONTRACTS.md, Layout: pure parts stay pure)
 
+    # DeepSpeed's ZeRO gathers call torch's deprecated all_gather_into_tensor: one FutureWarning per
+    # rank and run that says nothing about the job (the deprecation is DeepSpeed's to follow).
+    warnings.filterwarnings(
+        "ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated", category=FutureWarning
+    )
     if "RANK" not in os.environ:
         # Plain `python -m trainer train`: a one-process job on a private port.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -101,13 +107,15 @@ def _reduce_device() -> torch.device:
     )
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a list of numbers over all ranks in one collective (float64, so counts stay exact)."""
+def all_reduce_sum(values: list[float] | torch.Tensor) -> list[float]:
+    """Sum numbers over all ranks in one collective (float64, so counts stay exact). A tensor (sums
+    kept on the device) is reduced where it lies under NCCL and read back once, with the result."""
+    tensor = torch.as_tensor(values, dtype=torch.float64)
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [float(v) for v in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
+        return tensor.tolist()
+    tensor = tensor.to(_reduce_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return [float(v) for v in tensor.tolist()]
+    return tensor.tolist()
 
 
 def all_reduce_max(values: list[float]) -> list[float]:
@@ -117,17 +125,6 @@ def all_reduce_max(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [float(v) for v in tensor.tolist()]
-
-
-def agreed_head_chunk(num_masked: int) -> int:
-    """The LM-head chunk width every rank uses: the largest masked count of any rank (at least 1).
-
-    Under ZeRO-3 each ``lm_head`` call gathers its weight (a collective), so every rank must call it
-    equally often: one chunk this wide, and a placeholder call on a rank with nothing masked
-    (``trainer.diffusion.head_placeholder``). Training and evaluation both go through here.
-    """
-    (width,) = all_reduce_max([float(num_masked)])
-    return max(1, int(width))
 
 
 def agree_any(*flags: bool) -> list[bool]:

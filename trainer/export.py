@@ -33,6 +33,7 @@ import torch
 from trainer.checkpoint import STATE_FILE, ResumeError, find_resume, load_trainable_state, read_state
 from trainer.config import TrainConfig, load_config
 from trainer.model import build_mdlm_model
+from trainer.peft_tokens import quiet_peft_wrapping
 from trainer.run_settings import SETTINGS_FILE, read_settings, write_settings
 
 
@@ -175,7 +176,8 @@ def load_run(
         processor = load_processor(model)
         base = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
         # Merging gives plain weights: one forward per step with no adapter indirection.
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        with quiet_peft_wrapping():
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         mdlm = assemble_mdlm_model(
             merged,
             processor.tokenizer,

@@ -33,6 +33,7 @@ from torch import nn
 
 from trainer import attention, diffusion
 from trainer.config import LoraConfig, ModelConfig
+from trainer.peft_tokens import quiet_peft_wrapping, use_sparse_trainable_tokens
 from trainer.pixels import PixelNormaliser
 from trainer.tokens import IM_START, MASK_TOKEN
 
@@ -145,45 +146,6 @@ def _base(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _sparse_trainable_tokens_forward(
-    layer: nn.Module, x: torch.Tensor, active_adapters: Any, *args: Any, **kwargs: Any
-) -> torch.Tensor:
-    """PEFT ``TrainableTokensLayer`` forward without materialising the merged weight matrix.
-
-    Stock PEFT rebuilds the whole [V, H] matrix with ``index_copy`` on every call of the embedding and
-    of the tied LM head (311M elements on Qwen3-VL-2B, and a dense [V, H] weight gradient behind
-    it). Here the embedding takes its base rows from the frozen layer and the few trained rows (the
-    ``<|mask|>`` embedding) where they are used; the tied head uses the base rows only."""
-    if layer.disable_adapters or not active_adapters or layer.merged:
-        return layer._stock_forward_adapters(x, active_adapters, *args, **kwargs)
-    base = layer.base_layer
-    result = base(x)
-    if not isinstance(base, nn.Embedding):
-        # The LM head tied to the embedding keeps its base columns: the trained row is <|mask|>,
-        # whose logit is never predicted (-inf before every softmax). This also keeps the head off
-        # the embedding's delta parameter, which ZeRO-3 does not gather for the head.
-        return result
-    for adapter in active_adapters:
-        indices = layer.token_indices[adapter]
-        delta = layer.trainable_tokens_delta[adapter].to(result.dtype)
-        scale = layer._get_embed_scale()
-        if scale is not None:
-            delta = delta * scale.to(delta.dtype)
-        for row, token_id in enumerate(indices):
-            result = torch.where((x == token_id)[..., None], delta[row], result)
-    return result
-
-
-def _use_sparse_trainable_tokens(model: nn.Module) -> None:
-    """Route every PEFT ``TrainableTokensLayer`` of ``model`` through the sparse forward above."""
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-    for module in model.modules():
-        if isinstance(module, TrainableTokensLayer) and not hasattr(module, "_stock_forward_adapters"):
-            module._stock_forward_adapters = module.forward_adapters
-            module.forward_adapters = _sparse_trainable_tokens_forward.__get__(module)
-
-
 class MDLMLanguageModel(nn.Module):
     """The trainable half that goes into the DeepSpeed engine.
 
@@ -192,8 +154,8 @@ class MDLMLanguageModel(nn.Module):
     ``module(input_ids, position_ids, seq_ids, vision, ...)``:
 
     - without ``target_ids``: returns the final hidden states [B, L, H];
-    - with ``target_ids``, ``masked`` and ``loss_weight``: returns an :class:`MDLMOutput` whose loss
-      comes from :func:`trainer.diffusion.masked_diffusion_loss` (LM head only at masked positions).
+    - with ``target_ids``, ``masked`` and ``loss_weight`` (or ``targets``): returns an :class:`MDLMOutput`
+      whose loss comes from :func:`trainer.diffusion.masked_diffusion_loss` (LM head only at masked positions).
     """
 
     def __init__(
@@ -320,17 +282,19 @@ class MDLMLanguageModel(nn.Module):
         loss_weight: torch.Tensor | None = None,
         shift: bool = False,
         answer_mask: torch.Tensor | None = None,
+        targets: diffusion.MaskedTargets | None = None,
         num_normalizer: float | torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int | None = 1024,
         checkpoint_chunks: bool = True,
+        fused_ce: diffusion.FusedLinearCE | None = None,
     ) -> torch.Tensor | MDLMOutput:
         """Hidden states [B, L, H], or with targets the MDLM loss (:class:`MDLMOutput`).
 
         ``input_ids`` are the noisy ids (masked tokens replaced), ``target_ids`` the clean ones;
-        ``masked``/``loss_weight``/``answer_mask`` [B, L]; ``num_normalizer`` as in
-        :func:`trainer.diffusion.masked_diffusion_loss`; ``shift`` as in :mod:`trainer.diffusion`.
+        ``masked``/``loss_weight``/``answer_mask`` [B, L], or ``targets`` (:func:`trainer.diffusion.gather_masked`,
+        on the host: no device sync); the rest as in :func:`trainer.diffusion.masked_diffusion_loss`.
         """
         hidden_BLH = self.hidden_states(
             input_ids,
@@ -342,24 +306,18 @@ class MDLMLanguageModel(nn.Module):
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
         )
-        if target_ids is None:
+        if targets is None and target_ids is None:
             return hidden_BLH
-        if masked is None or loss_weight is None:
+        if targets is None and (masked is None or loss_weight is None):
             raise ValueError("target_ids needs masked and loss_weight (see trainer.diffusion.apply_masking)")
+        if targets is None:
+            targets = diffusion.gather_masked(
+                target_ids, masked, loss_weight, shift=shift, seq_ids_BL=seq_ids
+            )
         result = diffusion.masked_diffusion_loss(
-            hidden_BLH,
-            self.lm_head,
-            target_ids,
-            masked,
-            loss_weight,
-            mask_token_id=self.mask_token_id,
-            num_normalizer=num_normalizer,
-            answer_mask_BL=answer_mask,
-            seq_ids_BL=seq_ids,
-            shift=shift,
-            chunk_size=chunk_size,
-            checkpoint_chunks=checkpoint_chunks,
-        )
+            hidden_BLH, self.lm_head, targets, mask_token_id=self.mask_token_id, num_normalizer=num_normalizer,
+            answer_mask_BL=answer_mask, chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks, fused_ce=fused_ce,
+        )  # fmt: skip
         return MDLMOutput(
             loss=result.loss,
             weighted_ce_sum=result.weighted_ce_sum,
@@ -443,6 +401,12 @@ class MDLMModel:
         self.engine_module.backend = backend
         self.backend = backend
 
+    def compile_language_layers(self, backend: Any = "inductor") -> None:
+        """``torch.compile`` each decoder layer on its own (``model.compile``): one compilation serves all
+        layers (shared code), the rest stays eager; a new packed length recompiles once, then it is dynamic."""
+        for layer in self.base_model.model.language_model.layers:
+            layer.compile(backend=backend)
+
     @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
         """Run the vision tower without gradients (``no_grad``, not ``inference_mode``, so its outputs
@@ -519,7 +483,11 @@ def assemble_mdlm_model(
 
     if model_config.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and with ZeRO-3.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if use_lora:
         from peft import LoraConfig as PeftLoraConfig
@@ -535,8 +503,9 @@ def assemble_mdlm_model(
             modules_to_save=vision_modules or None,
             bias="none",
         )
-        peft_model = get_peft_model(model, lora_config)
-        _use_sparse_trainable_tokens(peft_model)
+        with quiet_peft_wrapping():
+            peft_model = get_peft_model(model, lora_config)
+        use_sparse_trainable_tokens(peft_model)
     elif model_config.train_embeddings:
         peft_model = model
         model.model.language_model.requires_grad_(True)
@@ -549,11 +518,11 @@ def assemble_mdlm_model(
         # traffic, and a checkpoint that still exports as a standard folder.
         from peft import TrainableTokensConfig, get_peft_model
 
-        peft_model = get_peft_model(
-            model,
-            TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[mask_id]),
-        )
-        _use_sparse_trainable_tokens(peft_model)
+        with quiet_peft_wrapping():
+            peft_model = get_peft_model(
+                model, TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[mask_id])
+            )
+        use_sparse_trainable_tokens(peft_model)
         language = model.model.language_model
         language.layers.requires_grad_(True)
         language.norm.requires_grad_(True)

@@ -66,13 +66,12 @@ def _masked_ce_at(
     noisy_BL = torch.where(masked_BL, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids)
     hidden_BLH = language(noisy_BL, batch.position_ids, batch.seq_ids, **vision_kwargs)
     rows_M, cols_M, source_M = gather_source_positions(masked_BL, shift=shift, seq_ids_BL=batch.seq_ids)
-    # Every rank calls the head equally often (one agreed chunk; ZeRO-3 gathers it).
-    width = distributed.agreed_head_chunk(len(rows_M))
+    # Every rank calls the head once (ZeRO-3 gathers it; docs/DESIGN.md §4).
     if len(rows_M) == 0:
         head_placeholder(hidden_BLH, lm_head)
     masked_ce = masked_cross_entropy(
         hidden_BLH[rows_M, source_M], batch.input_ids[rows_M, cols_M], lm_head,
-        mask_token_id=mask_token_id, chunk_size=width, checkpoint_chunks=False,
+        mask_token_id=mask_token_id, chunk_size=None, checkpoint_chunks=False,
     )  # fmt: skip
     return float(masked_ce.ce.sum()), float(masked_ce.correct.sum()), float(masked_BL.sum())
 

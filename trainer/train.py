@@ -10,11 +10,13 @@ One optimizer step (:meth:`Trainer.train_step`), in this order on every rank:
  1. fetch this rank's micro-batches of the global step (data wait is timed);
  2. count the answer tokens of the whole global step on all ranks (one all-reduce): the normaliser,
     so the gradient does not depend on how samples were packed or sharded (docs/DESIGN.md §3);
- 3. per micro-batch: frozen vision tower under no_grad (outside the engine, docs/DESIGN.md §2),
-    mask answer tokens at a per-sub-sequence t, engine forward with the loss at masked positions,
-    engine backward, engine step (DeepSpeed steps the optimizer at the accumulation boundary; a
-    non-finite gradient norm makes it skip the update on every rank);
- 4. reduce the step's statistics in one all-reduce; agree on finiteness and count skipped steps;
+ 3. on the host, for every micro-batch: a per-sub-sequence t, the masked answer tokens, gathered
+    (its host tensors and a CPU generator: no device work), and the counts of the step statistics;
+ 4. per micro-batch, with no host synchronisation: frozen vision tower under no_grad (outside the
+    engine, docs/DESIGN.md §2), engine forward with the loss at masked positions, engine backward,
+    engine step (DeepSpeed steps the optimizer at the accumulation boundary; a non-finite gradient
+    norm makes it skip the update on every rank); the loss sums stay on the device;
+ 5. reduce the step's statistics in one all-reduce; agree on finiteness and count skipped steps;
 then :meth:`Trainer.train` logs, evaluates, checkpoints and agrees on stopping (signals, limits).
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,14 +42,16 @@ from trainer.config import (
     write_run_files,
     zero_stage,
 )
+from trainer.diffusion import MaskedTargets, apply_masking, fused_linear_ce, gather_masked, sample_sequence_t
 from trainer.distributed import DistInfo
-from trainer.flops import flops_model, peak_flops, step_flops, sum_sq_doc_len
+from trainer.flops import flops_model, peak_flops
 from trainer.model import MDLMModel, MDLMOutput, build_mdlm_model
 from trainer.optim import client_optimizer, schedule_lengths, scheduler_factory
 from trainer.preflight import prepare
 from trainer.run_log import MetricsWriter, Throughput, peak_memory_gib
 from trainer.run_settings import generation_settings
 from trainer.seeding import derived_seed
+from trainer.step_stats import NUM_LOSS_SUMS, StepStats, StepSums, loss_sums
 from trainer.stopping import StopAgreement
 
 if TYPE_CHECKING:
@@ -77,61 +81,15 @@ class TrainResult:
 
 
 @dataclass
-class StepSums:
-    """One rank's sums over its micro-batches; summed over ranks in one all-reduce (:meth:`reduced`)."""
+class Noise:
+    """One micro-batch's noise, drawn on the host (:meth:`Trainer.draw_noise`)."""
 
-    weighted_ce: float = 0.0
-    """sum(loss_weight * CE) over masked tokens."""
-    ce: float = 0.0
-    """Plain CE over masked tokens."""
-    num_masked: float = 0.0
-    num_nonfinite: float = 0.0
-    """Micro-batches whose loss was not finite."""
-    num_tokens: float = 0.0
-    """Real (non-padding) tokens."""
-    num_samples: float = 0.0
-    t_sum: float = 0.0
-    """Sum of t over the sub-sequences present."""
-    t_count: float = 0.0
-    sum_sq_doc_len: float = 0.0
-    """Attention cost (see trainer.flops)."""
-    num_vision_tokens: float = 0.0
-    """Patch tokens through the vision tower."""
-    num_read: float = 0.0
-    """Samples the loader tried to read for this step."""
-    num_skipped: float = 0.0
-    """Of those, skipped (corrupt, mismatched, out of vocabulary)."""
-
-    def reduced(self) -> StepSums:
-        """The sums over all ranks (float64, so counts stay exact)."""
-        return StepSums(*distributed.all_reduce_sum(list(astuple(self))))
-
-
-@dataclass
-class StepStats:
-    """Global (all-rank) numbers of one optimizer step."""
-
-    loss: float
-    """sum(loss_weight * CE) over masked tokens / answer tokens (the objective)."""
-    ce_per_masked: float
-    """Plain CE per masked token."""
-    grad_norm: float
-    """Global gradient norm before clipping (inf/nan when the step was skipped)."""
-    skipped: bool
-    """The update was skipped on every rank (non-finite loss or gradients)."""
-    num_tokens: int
-    num_answer_tokens: int
-    """Answer tokens (the normaliser)."""
-    num_masked: int
-    num_samples: int
-    mean_t: float
-    """Mean diffusion time over sub-sequences."""
-    flops: float
-    """Model FLOPs (see trainer.flops.step_flops)."""
-    num_read: int = 0
-    """Samples the loaders tried to read for this step (all ranks)."""
-    num_skipped: int = 0
-    """Of those, skipped."""
+    noisy_input_ids: torch.Tensor
+    """[B, L] long: the input with the masked tokens replaced by ``<|mask|>``."""
+    targets: MaskedTargets
+    """The masked tokens, gathered."""
+    t_BS: torch.Tensor
+    """[B, S] diffusion time per sub-sequence."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +102,16 @@ def build_training_model(config: TrainConfig, precision: str, info: DistInfo) ->
     torch.manual_seed(config.seed)
     model = build_mdlm_model(config.model, config.lora, dtype=dtype)
     model.base_model.to(info.device)
+    frozen_tower = config.model.freeze_vision and config.model.freeze_merger
+    if frozen_tower and info.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        # docs/DESIGN.md §2: the frozen tower runs in bf16 on GPU whatever the training precision (its
+        # features take the language model's dtype where they are scattered in).
+        model.visual.to(torch.bfloat16)
+    # from_pretrained returns the model in eval mode, where Hugging Face layers skip gradient
+    # checkpointing: the trainable half trains in train mode (the frozen tower stays in eval).
+    model.engine_module.train()
+    if config.model.compile:
+        model.compile_language_layers()
     return model
 
 
@@ -278,6 +246,9 @@ class Trainer:
         self.total_steps, warmup = schedule_lengths(config, self.loader.num_steps(0))
         self.engine, self.scheduler = build_engine(config, ds_config, self.model, self.total_steps, warmup)
         self.zero3 = zero_stage(ds_config) == 3
+        # The fused head + CE reads the head's weight, which ZeRO-3 partitions (only a call of the
+        # module gathers it): ZeRO-3 keeps the chunked head.
+        self.fused_ce = None if self.zero3 else fused_linear_ce(info.device)
         self.train_vision = not (config.model.freeze_vision and config.model.freeze_merger)
         self.step = self.skipped_steps = self.consecutive_skips = 0
         self.samples_read = self.samples_skipped = 0
@@ -310,101 +281,68 @@ class Trainer:
         # DeepSpeed averages gradients over ranks: scale each rank's share back up by the world size.
         normaliser = max(global_answers, 1.0) / info.world_size
         sums = StepSums(num_read=float(num_read), num_skipped=float(num_skipped))
+        # Noise and dropout are keyed by the micro-batch's place in the global step (the plan puts
+        # micro-batch m of rank r at r * grad_accum + m), never by the rank alone: a resumed run is
+        # exact, also at another world size with the same micro-batch size.
+        first = info.rank * len(micro_batches)
+        noises = []
         for index, batch in enumerate(micro_batches):
-            batch = batch.to(info.device)
-            # Noise and dropout are keyed by the micro-batch's place in the global step (the plan puts
-            # micro-batch m of rank r at r * grad_accum + m), never by the rank alone: a resumed run is
-            # exact, also at another world size with the same micro-batch size.
-            global_index = info.rank * len(micro_batches) + index
-            torch.manual_seed(derived_seed(self.config.seed, self.step, global_index, 1))
             generator = torch.Generator().manual_seed(
-                derived_seed(self.config.seed, self.step, global_index, 2)
+                derived_seed(self.config.seed, self.step, first + index, 2)
             )
-            out, t_BS = self.micro_step(batch, generator, normaliser)
+            noises.append(self.draw_noise(batch, generator))
+            sums.count_host(batch, noises[-1].targets, noises[-1].t_BS)
+        # From here to the reduction nothing reads the device: the host queues every micro-batch's
+        # work without waiting for the previous one.
+        device_sums = torch.zeros(NUM_LOSS_SUMS, dtype=torch.float64, device=info.device)
+        for index, (batch, noise) in enumerate(zip(micro_batches, noises, strict=True)):
+            # Pinned by the loader on CUDA: the copy queues behind the GPU's work, the host does not wait.
+            batch = batch.to(info.device, non_blocking=True)
+            torch.manual_seed(derived_seed(self.config.seed, self.step, first + index, 1))
+            out = self.micro_step(batch, noise, normaliser)
             self.engine.backward(out.loss, scale_wrt_gas=False)
             self.engine.step()
-            self.count_micro_batch(sums, batch, out, t_BS)
-        g = sums.reduced()
+            device_sums += loss_sums(out)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        return StepStats(
-            loss=g.weighted_ce / max(global_answers, 1.0),
-            ce_per_masked=g.ce / max(g.num_masked, 1.0),
-            grad_norm=grad_norm,
-            # The norm is global (identical on all ranks); the loss flag was summed: one decision.
-            skipped=g.num_nonfinite > 0 or not math.isfinite(grad_norm),
-            num_tokens=int(g.num_tokens),
-            num_answer_tokens=int(global_answers),
-            num_masked=int(g.num_masked),
-            num_samples=int(g.num_samples),
-            mean_t=g.t_sum / max(g.t_count, 1.0),
-            flops=step_flops(
-                self.flops_model,
-                int(g.num_tokens),
-                int(g.sum_sq_doc_len),
-                int(g.num_masked),
-                int(g.num_vision_tokens),
-            ),
-            num_read=int(g.num_read),
-            num_skipped=int(g.num_skipped),
-        )
+        return sums.reduced(device_sums).stats(global_answers, grad_norm, self.flops_model)
 
-    def micro_step(
-        self, batch: PackedBatch, generator: torch.Generator, normaliser: float
-    ) -> tuple[MDLMOutput, torch.Tensor]:
-        """Noise one micro-batch and run the engine's forward with the loss (the outputs and t)."""
-        from trainer.diffusion import apply_masking, sample_sequence_t
-
+    def draw_noise(self, batch: PackedBatch, generator: torch.Generator) -> Noise:
+        """A t per sub-sequence and the masked answer tokens of one micro-batch, gathered: from its host
+        tensors with a CPU generator, so the masked count is known without a device read."""
         cfg = self.config.diffusion
         t_BS = sample_sequence_t(batch.seq_ids, eps=cfg.eps, stratified=cfg.stratified_t, generator=generator)
         noisy = apply_masking(
             batch.input_ids, batch.answer_mask, batch.seq_ids, t_BS, mask_token_id=self.model.mask_token_id,
             schedule=cfg.schedule, generator=generator,
         )  # fmt: skip
+        targets = gather_masked(
+            noisy.target_ids, noisy.masked, noisy.loss_weight, shift=cfg.shift, seq_ids_BL=batch.seq_ids
+        )
+        return Noise(noisy.noisy_input_ids, targets, t_BS)
+
+    def micro_step(self, batch: PackedBatch, noise: Noise, normaliser: float) -> MDLMOutput:
+        """The engine's forward with the loss: one micro-batch on the device, its noise from the host."""
+        device = self.info.device
         vision_kwargs: dict[str, Any] = {}
         if self.train_vision:
             vision_kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
         elif batch.pixel_values is not None:
             # Frozen tower, outside the engine, no autograd (docs/DESIGN.md §2).
             vision_kwargs = {"vision": self.model.vision_features(batch.pixel_values, batch.image_grid_thw)}
-        # Under ZeRO-3 the head's logits are kept for backward (no recompute): ZeRO-3 does not
-        # re-gather a weight inside a checkpoint recompute.
-        chunk_size = (
-            distributed.agreed_head_chunk(int(noisy.masked.sum())) if self.zero3 else cfg.ce_chunk_size
-        )
+        # ZeRO-3 gathers the head at every call, so every rank calls it once per micro-batch: one
+        # chunk, whatever this rank's masked count (a rank with none calls it on a placeholder), no
+        # collective. Its logits are kept for backward: ZeRO-3 does not re-gather a weight inside a
+        # checkpoint recompute.
+        chunk_size = None if self.zero3 else self.config.diffusion.ce_chunk_size
         # The loss is computed inside the engine's forward: under ZeRO-3 the tied LM head and the
         # trained mask row are gathered there.
-        out = self.engine(
-            noisy.noisy_input_ids, batch.position_ids, batch.seq_ids, target_ids=noisy.target_ids,
-            masked=noisy.masked, loss_weight=noisy.loss_weight, answer_mask=noisy.answer_mask,
-            shift=cfg.shift, num_normalizer=normaliser,
+        return self.engine(
+            noise.noisy_input_ids.to(device, non_blocking=True), batch.position_ids, batch.seq_ids,
+            targets=noise.targets.to(device, non_blocking=True), num_normalizer=normaliser,
             cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, chunk_size=chunk_size,
-            checkpoint_chunks=not self.zero3, **vision_kwargs,
+            checkpoint_chunks=not self.zero3, fused_ce=self.fused_ce, **vision_kwargs,
         )  # fmt: skip
-        return out, t_BS
-
-    @staticmethod
-    def count_micro_batch(sums: StepSums, batch: PackedBatch, out: MDLMOutput, t_BS: torch.Tensor) -> None:
-        """Add one micro-batch to this rank's step sums."""
-        present = torch.zeros_like(t_BS, dtype=torch.bool)
-        for row, seq in enumerate(batch.seq_ids):
-            present[row, : int(seq.max().clamp(min=-1)) + 1] = True
-        weighted = float(out.weighted_ce_sum)
-        sums.weighted_ce += weighted
-        sums.ce += float(out.ce_sum)
-        sums.num_masked += float(out.num_masked)
-        # A non-finite loss gives non-finite gradients: DeepSpeed then skips the update on every
-        # rank (the global norm is invalid everywhere); it is counted here.
-        sums.num_nonfinite += (
-            0.0 if math.isfinite(weighted) and math.isfinite(float(out.loss.detach())) else 1.0
-        )
-        sums.num_tokens += batch.num_real_tokens
-        sums.num_samples += sum(len(keys) for keys in batch.keys)
-        sums.t_sum += float(t_BS[present].sum())
-        sums.t_count += float(present.sum())
-        sums.sum_sq_doc_len += sum_sq_doc_len(batch.seq_ids.cpu())
-        if batch.pixel_values is not None:
-            sums.num_vision_tokens += int(batch.pixel_values.shape[0])
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -94,7 +94,7 @@ def test_hf_style_aliases(tmp_path: Path) -> None:
         "--output_dir", "/tmp/o", "--num_train_epochs", "3", "--per_device_train_batch_size", "4",
         "--gradient_accumulation_steps", "2", "--learning_rate", "1e-4", "--warmup_ratio", "0.03",
         "--lr_scheduler_type", "linear", "--bf16", "True", "--tf32", "False", "--gradient_checkpointing",
-        "--dataloader_num_workers", "0", "--max_steps", "7", "--save_steps", "5", "--logging_steps", "2",
+        "--torch_compile", "--dataloader_num_workers", "0", "--max_steps", "7", "--save_steps", "5", "--logging_steps", "2",
         "--eval_steps", "3", "--seed", "1", "--resume_from_checkpoint", "auto", "--deepspeed", "zero3",
     ]  # fmt: skip
     cfg = load_config(None, argv)
@@ -112,6 +112,7 @@ def test_hf_style_aliases(tmp_path: Path) -> None:
     )
     assert cfg.deepspeed.precision == "bf16" and cfg.deepspeed.tf32 is False
     assert cfg.model.gradient_checkpointing is True and cfg.data.num_workers == 0
+    assert cfg.model.compile is True and TrainConfig().model.compile is False
     assert (cfg.schedule.max_steps, cfg.checkpoint.save_every, cfg.logging.log_every, cfg.eval.every) == (
         7,
         5,
@@ -237,6 +238,10 @@ def test_deepspeed_json_filled_from_config() -> None:
         z3["zero_optimization"]["stage"] == 3
         and z3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     )
+    compiled = {**BASE, "model.compile": True}
+    assert build_deepspeed_config(load_config(None, compiled), 1)["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match=r"model.compile with ZeRO-3 .*use --deepspeed zero2"):
+        build_deepspeed_config(load_config(None, {**compiled, "deepspeed.config": "zero3"}), 1)
 
 
 def test_contradictory_batch_sizes(tmp_path: Path) -> None:

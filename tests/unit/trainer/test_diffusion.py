@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,16 +138,18 @@ def test_masked_ce_equals_full_logits_and_normaliser() -> None:
     ref_BL = _reference_loss(hidden, head, targets, masked, weight)
     n_masked = int(masked.sum())
     assert n_masked > 0
-    common = {"mask_token_id": MASK_ID, "answer_mask_BL": answer, "seq_ids_BL": seq_ids, "chunk_size": 3}
+    common = {"mask_token_id": MASK_ID, "answer_mask_BL": answer, "chunk_size": 3}
+    gathered = diffusion.gather_masked(targets, masked, weight, seq_ids_BL=seq_ids)
+    assert gathered.num_masked == n_masked
 
-    out = diffusion.masked_diffusion_loss(hidden, head, targets, masked, weight, **common)
+    out = diffusion.masked_diffusion_loss(hidden, head, gathered, **common)
     assert int(answer.sum()) == 11  # by hand: 3 + 2 in row 0, 6 in row 1
     assert torch.allclose(out.loss, ref_BL.sum() / 11)
     assert torch.allclose(out.weighted_ce_sum, ref_BL.sum())
     assert int(out.num_masked) == n_masked
 
     # The global count passed in from outside wins.
-    out = diffusion.masked_diffusion_loss(hidden, head, targets, masked, weight, num_normalizer=40, **common)
+    out = diffusion.masked_diffusion_loss(hidden, head, gathered, num_normalizer=40, **common)
     assert torch.allclose(out.loss, ref_BL.sum() / 40)
 
 
@@ -154,12 +158,14 @@ def test_chunked_loss_gradients_match_full_logits() -> None:
     head = _head(1)
     ref = _reference_loss(hidden, head, targets, masked, weight).sum()
     grad_h_ref, grad_w_ref = torch.autograd.grad(ref, [hidden, head.weight])
-    out = diffusion.masked_diffusion_loss(
-        hidden, head, targets, masked, weight, mask_token_id=MASK_ID, num_normalizer=1.0, chunk_size=2
-    )
-    grad_h, grad_w = torch.autograd.grad(out.loss, [hidden, head.weight])
-    assert torch.allclose(grad_h, grad_h_ref, atol=1e-6)
-    assert torch.allclose(grad_w, grad_w_ref, atol=1e-6)
+    gathered = diffusion.gather_masked(targets, masked, weight)
+    for chunk_size in (2, None):  # None: one head call (ZeRO-3)
+        out = diffusion.masked_diffusion_loss(
+            hidden, head, gathered, mask_token_id=MASK_ID, num_normalizer=1.0, chunk_size=chunk_size
+        )
+        grad_h, grad_w = torch.autograd.grad(out.loss, [hidden, head.weight])
+        assert torch.allclose(grad_h, grad_h_ref, atol=1e-6)
+        assert torch.allclose(grad_w, grad_w_ref, atol=1e-6)
 
 
 def test_mask_logit_is_never_predicted() -> None:
@@ -168,7 +174,11 @@ def test_mask_logit_is_never_predicted() -> None:
     with torch.no_grad():
         head.weight[MASK_ID] = 100.0 * hidden.detach().reshape(-1, HIDDEN).mean(0)  # a dominant mask logit
     out = diffusion.masked_diffusion_loss(
-        hidden, head, targets, masked, weight, mask_token_id=MASK_ID, num_normalizer=1.0
+        hidden,
+        head,
+        diffusion.gather_masked(targets, masked, weight),
+        mask_token_id=MASK_ID,
+        num_normalizer=1.0,
     )
     keep = [v for v in range(VOCAB) if v != MASK_ID]
     logits = head(hidden)[masked][:, keep]
@@ -184,17 +194,8 @@ def test_shift_uses_previous_hidden_state() -> None:
     hidden, targets, masked, weight, _, seq_ids = _loss_inputs(seed=2)
     head = _head(2)
     ref = _reference_loss(hidden, head, targets, masked, weight, shift=True).sum()
-    out = diffusion.masked_diffusion_loss(
-        hidden,
-        head,
-        targets,
-        masked,
-        weight,
-        mask_token_id=MASK_ID,
-        num_normalizer=1.0,
-        shift=True,
-        seq_ids_BL=seq_ids,
-    )
+    shifted = diffusion.gather_masked(targets, masked, weight, shift=True, seq_ids_BL=seq_ids)
+    out = diffusion.masked_diffusion_loss(hidden, head, shifted, mask_token_id=MASK_ID, num_normalizer=1.0)
     assert torch.allclose(out.loss, ref, atol=1e-5)
     # Documented alignment, stated directly: the hidden state at i-1 scores target i.
     rows, cols = masked.nonzero(as_tuple=True)
@@ -203,33 +204,99 @@ def test_shift_uses_previous_hidden_state() -> None:
     direct = (weight[rows, cols] * F.cross_entropy(logits, targets[rows, cols], reduction="none")).sum()
     assert torch.allclose(out.loss, direct, atol=1e-5)
     unshifted = diffusion.masked_diffusion_loss(
-        hidden, head, targets, masked, weight, mask_token_id=MASK_ID, num_normalizer=1.0
+        hidden,
+        head,
+        diffusion.gather_masked(targets, masked, weight),
+        mask_token_id=MASK_ID,
+        num_normalizer=1.0,
     )
     assert not torch.allclose(out.loss, unshifted.loss)
     # A masked first token of a sub-sequence has no predecessor inside it.
     bad = torch.zeros_like(masked)
     bad[0, 6] = True
     with pytest.raises(ValueError, match="no predecessor"):
-        diffusion.masked_diffusion_loss(
-            hidden,
-            head,
-            targets,
-            bad,
-            weight,
-            mask_token_id=MASK_ID,
-            num_normalizer=1.0,
-            shift=True,
-            seq_ids_BL=seq_ids,
-        )
+        diffusion.gather_masked(targets, bad, weight, shift=True, seq_ids_BL=seq_ids)
 
 
 def test_nothing_masked_gives_zero_loss_with_a_graph() -> None:
     hidden, targets, masked, weight, answer, _ = _loss_inputs()
     head = _head()
-    out = diffusion.masked_diffusion_loss(
-        hidden, head, targets, torch.zeros_like(masked), weight, mask_token_id=MASK_ID, answer_mask_BL=answer
-    )
+    nothing = diffusion.gather_masked(targets, torch.zeros_like(masked), weight)
+    out = diffusion.masked_diffusion_loss(hidden, head, nothing, mask_token_id=MASK_ID, answer_mask_BL=answer)
     assert float(out.loss.detach()) == 0.0 and int(out.num_masked) == 0
     out.loss.backward()
     assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) == 0.0
     assert math.isfinite(float(hidden.grad.abs().sum()))
+
+
+LIGER_STAND_IN = '''"""liger-kernel's fused linear cross-entropy, written out for a machine without Triton."""
+import torch.nn.functional as F
+
+
+def liger_fused_linear_cross_entropy(input, weight, target, bias=None, reduction="mean", accum_dtype=None):
+    logits = input @ weight.t() if bias is None else input @ weight.t() + bias
+    return F.cross_entropy(logits.float(), target, reduction=reduction)
+'''
+
+
+def _install_liger_stand_in(root: Path, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed `liger-kernel` distribution of `version` at the front of sys.path: its functional
+    API computes the same math as the real kernel (float32 CE of hidden @ weight.T + bias)."""
+    package = root / "liger_kernel" / "transformers"
+    package.mkdir(parents=True)
+    (root / "liger_kernel" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "functional.py").write_text(LIGER_STAND_IN)
+    (root / f"liger_kernel-{version}.dist-info").mkdir()
+    (root / f"liger_kernel-{version}.dist-info" / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: liger-kernel\nVersion: {version}\n"
+    )
+    for name in [n for n in sys.modules if n.split(".")[0] == "liger_kernel"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(root))
+
+
+def test_fused_loss_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """liger-kernel's fused CE where it runs (installed, new enough, CUDA); else None: the chunked head."""
+    assert diffusion.fused_linear_ce(torch.device("cpu")) is None  # Triton kernels: CUDA only
+    _install_liger_stand_in(tmp_path / "old", "0.8.1", monkeypatch)
+    with pytest.warns(UserWarning, match=r"liger-kernel 0\.8\.1 .* runs in chunks"):
+        assert diffusion.fused_linear_ce(torch.device("cuda")) is None
+    _install_liger_stand_in(tmp_path / "new", "0.8.5", monkeypatch)
+    fused = diffusion.fused_linear_ce(torch.device("cuda"))
+    assert fused is not None
+    y = torch.tensor([1, 2])
+    h, w, b = torch.randn(2, HIDDEN), torch.randn(VOCAB, HIDDEN), torch.zeros(VOCAB)
+    assert torch.equal(fused(h, w, y, b), F.cross_entropy(h @ w.t(), y, reduction="none"))  # per token
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_fused_loss_equals_the_chunked_loss_and_gradients(shift: bool) -> None:
+    """The fused path (here a reference of liger's math) gives the chunked path's loss and gradients:
+    loss weights per token, the mask logit excluded (a dominant mask row would win otherwise), a head
+    that wraps its one linear (as PEFT's trainable tokens do), a bias."""
+    hidden, targets, masked, weight, _, seq_ids = _loss_inputs(seed=3)
+    gathered = diffusion.gather_masked(targets, masked, weight, shift=shift, seq_ids_BL=seq_ids)
+    torch.manual_seed(3)
+    head = nn.Sequential(nn.Linear(HIDDEN, VOCAB, bias=shift))
+    with torch.no_grad():
+        head[0].weight[MASK_ID] = 100.0 * hidden.detach().reshape(-1, HIDDEN).mean(0)
+
+    def reference(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy((h @ w.t() + b).float(), y, reduction="none")
+
+    results = []
+    for fused_ce in (None, reference):
+        out = diffusion.masked_diffusion_loss(
+            hidden, head, gathered, mask_token_id=MASK_ID, num_normalizer=7.0, chunk_size=2, fused_ce=fused_ce
+        )
+        params = [hidden, *head.parameters()]
+        results.append((out.loss, out.ce_sum, *torch.autograd.grad(out.loss, params)))
+    assert int(out.num_masked) == int(masked.sum()) > 0
+    for chunked, fused in zip(*results, strict=True):
+        assert torch.allclose(chunked, fused, rtol=1e-5, atol=1e-6)
+    two_linears = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, VOCAB))
+    with pytest.raises(ValueError, match=r"one nn\.Linear"):
+        diffusion.masked_diffusion_loss(
+            hidden, two_linears, gathered, mask_token_id=MASK_ID, fused_ce=reference
+        )

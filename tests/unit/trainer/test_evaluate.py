@@ -16,7 +16,7 @@ from data_tools.index import read_index
 from trainer.assets import load_processor
 from trainer.config import ModelConfig
 from trainer.data import LoadedSample, PackedBatch, collate_rows
-from trainer.diffusion import masked_diffusion_loss
+from trainer.diffusion import gather_masked, masked_diffusion_loss
 from trainer.evaluate import ImageSwapper, choose_metric
 from trainer.evaluate import main as evaluate_main
 from trainer.nelbo import fixed_uniforms, nelbo_eval
@@ -127,9 +127,7 @@ def test_nelbo_matches_the_training_loss_with_the_same_masks(samples: list[Loade
         loss = masked_diffusion_loss(
             hidden,
             model.language.lm_head,
-            batch.input_ids,
-            masked_BL,
-            masked_BL.float() * 2.0,  # loss_weight 1/t
+            gather_masked(batch.input_ids, masked_BL, masked_BL.float() * 2.0),  # loss_weight 1/t
             mask_token_id=model.mask_token_id,
             answer_mask_BL=batch.answer_mask,
         )

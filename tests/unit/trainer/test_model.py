@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,14 +171,14 @@ def test_lora_only_on_language_model_attention(mdlm: MDLMModel) -> None:
     assert mdlm.language is mdlm.engine_module
 
 
-def _noisy_batch(model: MDLMModel, seed: int) -> dict[str, Any]:
+def _noisy_batch(model: MDLMModel, seed: int, length: int = 64) -> dict[str, Any]:
     torch.manual_seed(seed)
     tok = model.tokenizer
     rows = [
         [_sample(tok, (4, 4), "Colour?", "red and blue"), _sample(tok, None, "Hi", "hello there friend")],
         [_sample(tok, (2, 4), "Which shape is it?", "a wide rectangle")],
-    ]
-    batch = _pack(model, rows, 64)
+    ]  # 35 and 22 tokens
+    batch = _pack(model, rows, length)
     gen = torch.Generator().manual_seed(seed)
     t_BS = diffusion.sample_sequence_t(batch["seq_ids"], generator=gen).clamp(min=0.6)  # mask plenty
     noised = diffusion.apply_masking(
@@ -280,11 +281,13 @@ def test_full_language_model_training_without_lora(tiny_model_dir: Path) -> None
 
 def test_full_language_model_with_frozen_embeddings(tiny_model_dir: Path) -> None:
     """train_embeddings=False: layers and final norm train, the [V, H] matrix only in its mask row."""
-    model = build_mdlm_model(
-        ModelConfig(str(tiny_model_dir), train_embeddings=False),
-        LoraConfig(enabled=False),
-        dtype=torch.float32,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's wrapping warnings do not apply to MDLM (quiet_peft_wrapping)
+        model = build_mdlm_model(
+            ModelConfig(str(tiny_model_dir), train_embeddings=False),
+            LoraConfig(enabled=False),
+            dtype=torch.float32,
+        )
     base = model.base_model
     language = base.model.language_model
     expected = {id(p) for p in [*language.layers.parameters(), *language.norm.parameters()]}
@@ -355,6 +358,104 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_model_dir: Path) -> Non
         out.loss.backward()
         grads.append([p.grad.clone() for p in model.engine_module.parameters() if p.requires_grad])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def _steps_over_lengths(model: MDLMModel, train: bool) -> Iterator[float]:
+    """The loss the trainer computes (the engine module's forward with targets) on three batches of
+    three packed lengths; with `train`, each followed by backward and a plain AdamW step (the update a
+    DeepSpeed engine would make, without one)."""
+    optimizer = torch.optim.AdamW([p for p in model.engine_module.parameters() if p.requires_grad], lr=1e-2)
+    model.engine_module.train()
+    for seed, length in enumerate((40, 56, 72)):  # multiples of 8, as the loader pads
+        batch = _noisy_batch(model, seed, length)
+        with torch.set_grad_enabled(train):
+            loss = _loss(model, batch, _vision(model, batch)).loss
+        if train:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        yield float(loss.detach())
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_compiled_decoder_layers_equal_eager_and_recompile_once(tiny_model_dir: Path, backend: str) -> None:
+    """model.compile: three steps on three packed lengths give eager's losses; dynamo compiles the layer
+    code (shared by all layers) once, and once more when the length first changes, never after.
+
+    ``aot_eager`` stands in for inductor, the product's backend (about a minute on 2 CPU cores here).
+    Flex has no backward on CPU: its steps are forwards only."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    train = backend != "flex"
+    losses: dict[bool, list[float]] = {}
+    counter = CompileCounterWithBackend("aot_eager")
+    frames = []
+    torch._dynamo.reset()
+    try:
+        for compiled in (False, True):
+            torch.manual_seed(0)  # the same LoRA init; no dropout (compiled random streams differ)
+            model = build_mdlm_model(
+                ModelConfig(str(tiny_model_dir), attn_implementation=backend),
+                LoraConfig(dropout=0.0),
+                dtype=torch.float32,
+            )
+            if compiled:
+                model.compile_language_layers(counter)
+            losses[compiled] = []
+            for loss in _steps_over_lengths(model, train):
+                losses[compiled].append(loss)
+                frames.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=0.0)
+    assert frames == [0, 0, 0, 1, 2, 2], frames  # eager steps, then the compiled ones
+
+
+def test_frozen_tower_sees_a_micro_batch_in_one_bf16_call(tiny_model_dir: Path) -> None:
+    """docs/DESIGN.md §2: every image of a micro-batch (the loader's uint8 patches, as collated) goes
+    through the frozen tower in one call, in bf16, under no_grad, with the backend's attention; the
+    trainer makes this call once per micro-batch."""
+    from trainer.data.batch import LoadedSample, collate_rows
+
+    model = build_mdlm_model(ModelConfig(str(tiny_model_dir)), dtype=torch.bfloat16)
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    torch.manual_seed(6)
+    tok = model.tokenizer
+    rows = [
+        [_sample(tok, (4, 4), "Colour?", "red"), _sample(tok, (2, 6), "Shape?", "a wide rectangle")],
+        [_sample(tok, None, "Hi", "hello"), _sample(tok, (4, 2), "Which?", "the tall one")],
+    ]
+    loaded = [
+        [
+            LoadedSample(
+                key=f"{b}-{j}",
+                input_ids=s["ids"],
+                answer_mask=s["answer_mask"],
+                position_ids=_positions(model, s),
+                # The loader's patches: uint8, one frame (the model repeats it over the temporal patch).
+                pixel_values=None
+                if s["thw"] is None
+                else torch.randint(0, 256, (len(s["pixels"]), PATCH_DIM // 2), dtype=torch.uint8),
+                image_grid_thw=s["thw"],
+            )
+            for j, s in enumerate(row)
+        ]
+        for b, row in enumerate(rows)
+    ]
+    batch = collate_rows(loaded, tok.pad_token_id)
+    calls = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((args[0].dtype, len(args[0]), len(kwargs["grid_thw"]), torch.is_grad_enabled()))
+
+    hook = model.visual.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        vision = model.vision_features(batch.pixel_values, batch.image_grid_thw)
+    finally:
+        hook.remove()
+    assert calls == [(torch.bfloat16, 16 + 12 + 8, 3, False)]
+    assert vision.image_embeds.dtype == torch.bfloat16 and not vision.image_embeds.requires_grad
+    assert len(vision.image_embeds) == int((batch.input_ids == model.config.image_token_id).sum())
 
 
 def test_logits_at_excludes_mask(mdlm: MDLMModel) -> None:
