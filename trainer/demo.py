@@ -7,8 +7,8 @@ One command, fixed order:
 3. evaluate the untrained model (held-out accuracy by generation, NELBO);
 4. train with DeepSpeed ZeRO-2 on 2 CPU processes (gloo), packing on, the whole language model but
    its frozen random [151936, 128] embedding (only the <|mask|> row trains; vision frozen at random
-   init; LoRA on a random base cannot scale its logits and learns this far worse), at lr 6e-4,
-   for a fixed wall-clock budget (`OUT/train`: metrics.jsonl, TensorBoard, checkpoints); the ranks'
+   init; LoRA on a random base cannot scale its logits and learns this far worse), at lr 6e-4 on a
+   cosine schedule, for a fixed number of steps (`OUT/train`: metrics.jsonl, TensorBoard, checkpoints); the ranks'
    output goes to `OUT/train.log`, and the demo prints progress lines read from metrics.jsonl;
 5. export the trained weights (`OUT/trained-model`: a full model folder, as the whole LM was trained;
    `OUT/adapter`: a PEFT adapter with `--lora`), evaluate again, and run two controls on the trained
@@ -73,14 +73,14 @@ class DemoConfig:
     output: str = "runs/demo"
     """Run directory (recreated: the demo always starts from scratch)."""
     num_train: int = 6000
-    """Synthetic training samples (the default budget sees each about five times)."""
+    """Synthetic training samples (the default budget sees each about seven times)."""
     num_test: int = 192
     """Held-out samples (evaluation and controls)."""
     tasks: str = "colour_en,colour_ko,shape_en,shape_ko"
     """Synthetic tasks (data_tools synth --tasks); all have chance <= 1/4."""
     train_seconds: float = 0.0
     """Wall-clock training budget (the loop checkpoints and stops at this limit; 0 = none)."""
-    max_steps: int = 800
+    max_steps: int = 1200
     """Optimizer steps: the budget is in steps, so every machine trains as far (and reports the same
     figures), and the recipe's cosine schedule ends at the last step."""
     nproc: int = 2
@@ -157,7 +157,7 @@ def format_progress(record: dict[str, Any], max_steps: int, time_limit_s: float)
             f"masked-token accuracy {record.get('masked_accuracy@1', float('nan')):.3f}"
         )
     elapsed = record["elapsed_s"]
-    # The time limit stops the default run long before max_steps: show the budget that binds.
+    # Show the budget that binds: the time limit when one is set (it stops long before max_steps).
     where = f"{step:>5}" if time_limit_s else f"{step:>5}/{max_steps}"
     clock = f"{elapsed:.0f}/{time_limit_s:.0f} s" if time_limit_s else f"{elapsed:.0f} s"
     return f"  step {where}  loss {record['loss']:.3f}  {clock}"

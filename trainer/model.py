@@ -238,22 +238,25 @@ class MDLMLanguageModel(nn.Module):
         embed = self.language_model.get_input_embeddings()
         inputs_embeds_BLH = embed(input_ids)
         image_mask_BL = input_ids == self.image_token_id
-        num_image_tokens = int(image_mask_BL.sum().item())
         visual_pos_masks = None
         deepstack = None
+        # Asserted on the device, never read back (no host sync per micro-batch): the loader already
+        # checked every sample's <|image_pad|> count against its grids on the host.
         if vision is not None:
-            if vision.image_embeds.shape[0] != num_image_tokens:
-                raise ValueError(
-                    f"the batch has {num_image_tokens} <|image_pad|> tokens but the vision features have "
-                    f"{vision.image_embeds.shape[0]} rows: image_grid_thw and input_ids disagree"
-                )
+            torch._assert_async(
+                image_mask_BL.sum() == vision.image_embeds.shape[0],
+                f"the batch's <|image_pad|> tokens and the {vision.image_embeds.shape[0]} rows of vision "
+                "features differ: image_grid_thw and input_ids disagree",
+            )
             image_embeds = vision.image_embeds.to(inputs_embeds_BLH.device, inputs_embeds_BLH.dtype)
             mask_BLH = image_mask_BL[..., None].expand_as(inputs_embeds_BLH)
             inputs_embeds_BLH = inputs_embeds_BLH.masked_scatter(mask_BLH, image_embeds)
             visual_pos_masks = image_mask_BL
             deepstack = [d.to(inputs_embeds_BLH.device, inputs_embeds_BLH.dtype) for d in vision.deepstack]
-        elif num_image_tokens:
-            raise ValueError(f"the batch has {num_image_tokens} <|image_pad|> tokens but no vision features")
+        else:
+            torch._assert_async(
+                ~image_mask_BL.any(), "the batch has <|image_pad|> tokens but no vision features"
+            )
 
         packed = attention.prepare_packed_attention(seq_ids, self.backend, cu_seqlens, max_seqlen)
         out = self.language_model(

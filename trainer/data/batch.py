@@ -171,6 +171,11 @@ class SampleReader:
         grids = [tuple(int(v) for v in g) for g in sample.get("image_grid_thw", [])]
         if tuple(grids) != ref.image_grid_thw or len(grids) != len(raw["images"]):
             raise ValueError(f"image grids {grids} / {len(raw['images'])} images disagree with the index")
+        # Checked here, on the host, so the model need not read the count back from the device.
+        num_pads = int((input_ids == self.image_token_id).sum())
+        grid_tokens = sum(t * h * w for t, h, w in grids) // self.spatial_merge_size**2
+        if num_pads != grid_tokens:
+            raise ValueError(f"{num_pads} <|image_pad|> tokens, the image grids {grids} make {grid_tokens}")
         pixel_values = grid_thw = None
         if grids:
             for image, (_, h, w) in zip(raw["images"], grids, strict=True):

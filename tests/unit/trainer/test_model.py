@@ -510,7 +510,7 @@ def test_vision_features_that_disagree_with_the_image_tokens_are_an_error(mdlm: 
     vision = _vision(mdlm, batch)
     assert vision is not None
     doubled = torch.cat([batch["input_ids"]] * 2)  # twice the <|image_pad|> tokens, one set of features
-    with torch.no_grad(), pytest.raises(ValueError, match="image_grid_thw and input_ids disagree"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="image_grid_thw and input_ids disagree"):
         mdlm.engine_module(
             doubled,
             torch.cat([batch["position_ids"]] * 2, dim=1),
