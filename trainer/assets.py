@@ -248,7 +248,7 @@ class Qwen3VLImageProcessor(Qwen3VLProcessor):
 
 def load_processor(name_or_path: str | Path) -> Qwen3VLProcessor:
     """The model's Qwen3-VL processor: stock where torchvision imports, images-and-text otherwise."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     if importlib.util.find_spec("torchvision") is not None:
         try:
@@ -258,7 +258,8 @@ def load_processor(name_or_path: str | Path) -> Qwen3VLProcessor:
         except (ImportError, RuntimeError):
             pass  # a torchvision that does not match torch (seen with CPU builds): go without
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), backend="pil")
+    # The class itself: AutoImageProcessor demands torchvision even for the PIL backend in 5.4-5.17.
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(name_or_path))
     return Qwen3VLImageProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
     )

@@ -93,10 +93,12 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         import deepspeed.comm
+        from deepspeed.utils import groups
 
         # DeepSpeed's destroy also drops the groups DeepSpeed cached (a clone of the world group):
         # torch's alone leaves them dangling, and the next run in this process fails on them.
         deepspeed.comm.destroy_process_group()
+        groups._WORLD_GROUP = None  # DeepSpeed < 0.19.8 keeps that clone past its own destroy
 
 
 def _reduce_device() -> torch.device:

@@ -442,6 +442,16 @@ class MDLMModel:
         return {"language_model": language, "vision": vision, "trainable": trainable}
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing: works with frozen inputs (no enable_input_require_grads)
+    and with ZeRO-3; `activation_checkpointing_enable` is the name in newer transformers 5.x."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def assemble_mdlm_model(
     model: nn.Module,
     tokenizer: Any,
@@ -485,12 +495,7 @@ def assemble_mdlm_model(
         vision_modules += [f"model.visual.deepstack_merger_list.{i}" for i in range(num_deepstack)]
 
     if model_config.gradient_checkpointing:
-        # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and with ZeRO-3.
-        enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.x
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
 
     if use_lora:
         from peft import LoraConfig as PeftLoraConfig
