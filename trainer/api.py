@@ -30,7 +30,6 @@ from data_tools.fileio import atomic_write_bytes, atomic_write_text
 from data_tools.samples import SampleError
 from data_tools.settings import BuildSettings
 from data_tools.sources import load_image_bytes, normalise_row, row_source_id
-from trainer.assets import load_processor
 from trainer.config import (
     ConfigError,
     LoraConfig,
@@ -40,7 +39,7 @@ from trainer.config import (
     check_paths,
     validate,
 )
-from trainer.model import MDLMModel, build_mdlm_model, ensure_mask_token
+from trainer.model import MDLMModel, build_mdlm_model
 from trainer.run_log import read_jsonl
 
 CONVERSATIONS_DIR = "conversations"
@@ -88,9 +87,7 @@ def load_mdlm_model(
         )
     check_paths(TrainConfig(model=model_config))  # a missing folder fails here, in one line
     model = build_mdlm_model(model_config, lora, dtype=dtype)
-    processor = load_processor(model_config.name_or_path)
-    ensure_mask_token(processor.tokenizer, model.config.text_config.vocab_size)
-    return LoadedModel(model, processor)
+    return LoadedModel(model, model.processor)  # its tokenizer is the model's (with <|mask|>)
 
 
 @dataclass

@@ -375,6 +375,8 @@ class MDLMModel:
         self.engine_module = engine_module
         self.backend = backend
         self.use_lora = use_lora
+        self.processor: Any = None
+        """The processor of the model folder when `build_mdlm_model` loaded it (tokenizer = `tokenizer`)."""
 
     @property
     def base_model(self) -> nn.Module:
@@ -571,6 +573,8 @@ def build_mdlm_model(
     model = Qwen3VLForConditionalGeneration.from_pretrained(
         model_config.name_or_path, dtype=dtype, attn_implementation="sdpa"
     )
-    return assemble_mdlm_model(
+    mdlm = assemble_mdlm_model(
         model, processor.tokenizer, model_config, lora, image_processor=processor.image_processor
     )
+    mdlm.processor = processor
+    return mdlm
