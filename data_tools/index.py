@@ -117,6 +117,13 @@ _COLUMN_DTYPES = {
 _COLUMNS = ["key", *_COLUMN_DTYPES]
 
 
+def _shard_starts(shards: list[dict[str, Any]]) -> np.ndarray:
+    """[S+1] int64: where each shard's samples start in the table (from index.json's shard entries)."""
+    starts = np.zeros(len(shards) + 1, dtype=np.int64)
+    starts[1:] = np.cumsum([int(s["num_samples"]) for s in shards])
+    return starts
+
+
 class TableBuilder:
     """Collects shard entries (as `data_tools.shards.write_shard` returns them) into a `SampleTable`
     and the per-shard summary of index.json, one shard at a time: a shard's sample dicts become arrays
@@ -165,9 +172,7 @@ class TableBuilder:
 
         columns = {name: joined(name) for name in _COLUMNS}
         columns["image_start"] = np.append(columns["image_start"], self._num_images).astype(np.int64)
-        counts = [s["num_samples"] for s in self.shards]
-        shard_start = np.zeros(len(counts) + 1, dtype=np.int64)
-        shard_start[1:] = np.cumsum(counts)
+        shard_start = _shard_starts(self.shards)
         return SampleTable(**columns, shard_start=shard_start)
 
 
@@ -277,9 +282,7 @@ def read_table(directory: str | os.PathLike[str], index: dict[str, Any] | None =
             f"{directory}: the sample columns index.json names ({folder.name}) are unreadable ({e}); "
             "restore the folder or rebuild the shard set"
         ) from e
-    counts = [int(s["num_samples"]) for s in index["shards"]]
-    shard_start = np.zeros(len(counts) + 1, dtype=np.int64)
-    shard_start[1:] = np.cumsum(counts)
+    shard_start = _shard_starts(index["shards"])
     table = SampleTable(**columns, shard_start=shard_start)
     n = len(table)
     lengths_ok = all(len(columns[name]) == n for name in ("key", "offset", "num_bytes", "num_answer_tokens"))

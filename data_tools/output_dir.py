@@ -94,6 +94,15 @@ def what_changed(recorded: dict[str, Any], build_info: dict[str, Any]) -> str:
     return f"it was made with other settings ({', '.join(changed) or 'the tokenizer'})"
 
 
+def _removed_column_folder(p: Path) -> bool:
+    """Remove `p` if it is a sample-column folder (of the set, or one written just before a crash
+    without its index.json) or a writer's unfinished staging folder; whether it was one."""
+    if p.is_dir() and (p.name.startswith(COLUMNS_PREFIX) or ".tmp-" in p.name):
+        shutil.rmtree(p)
+        return True
+    return False
+
+
 def _holds_shard_set(directory: Path) -> bool:
     """Whether `directory` holds a shard set, complete or interrupted (what `--force` removes)."""
     return directory.is_dir() and any(
@@ -106,11 +115,9 @@ def _remove_shard_set(directory: Path) -> None:
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        if p.is_dir() and (p.name.startswith(COLUMNS_PREFIX) or ".tmp-" in p.name):
-            shutil.rmtree(p)  # the sample columns (or a writer's unfinished staging folder)
-        elif (
-            p.name in (INDEX_NAME, shards.REJECTS_NAME) or shards.SHARD_RE.match(p.name) or ".tmp-" in p.name
-        ):
+        if _removed_column_folder(p):
+            continue
+        if p.name in (INDEX_NAME, shards.REJECTS_NAME) or shards.SHARD_RE.match(p.name) or ".tmp-" in p.name:
             p.unlink()
     shutil.rmtree(directory / STATE_DIR, ignore_errors=True)
 
@@ -144,9 +151,9 @@ def discard_unfinished(directory: Path, finished: list[dict[str, Any]]) -> None:
     """Remove what an interrupted run wrote after its last intact shard (tars, temp files, records)."""
     keep = {r["entry"]["name"] for r in finished}
     for p in directory.iterdir():
-        if p.is_dir() and (p.name.startswith(COLUMNS_PREFIX) or ".tmp-" in p.name):
-            shutil.rmtree(p)  # columns written just before a crash, without their index.json
-        elif (shards.SHARD_RE.match(p.name) and p.name not in keep) or ".tmp-" in p.name:
+        if _removed_column_folder(p):
+            continue
+        if (shards.SHARD_RE.match(p.name) and p.name not in keep) or ".tmp-" in p.name:
             p.unlink()
     for p in (directory / STATE_DIR).glob("shard-*.json"):
         if int(p.stem.split("-")[1]) >= len(finished):
