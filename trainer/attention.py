@@ -15,8 +15,10 @@ Backends (``backend`` argument, also the ``attention`` config value):
   ``causal=False``; only where ``flash_attn`` imports.
 
 How it hooks into stock transformers: each backend is registered in transformers'
-``AttentionInterface`` under ``mdlm_<backend>`` and the text config's attention implementation is set
-to that name (``trainer.model`` does it). Stock ``Qwen3VLTextModel.forward`` passes its extra keyword
+``AttentionInterface`` under its name in :data:`REGISTERED_NAMES` and the text config's attention
+implementation is set to that name (``trainer.model`` does it). Transformers dispatches on words inside
+an implementation name (since 5.25 any name containing "flash" goes to its own flash-kernel loader;
+"sdpa" and "flex_attention" trigger their dispatch checks), so the registered names use none of them. Stock ``Qwen3VLTextModel.forward`` passes its extra keyword
 arguments down to the attention function, so the block structure travels as the keyword
 ``packed_attention`` (a :class:`PackedAttention`, built once per forward, not once per layer).
 Because the name is not one of transformers' mask backends, transformers builds no mask of its own.
@@ -43,11 +45,20 @@ KWARG: str = "packed_attention"
 """Keyword under which the block structure reaches the attention functions."""
 
 
+REGISTERED_NAMES: dict[str, str] = {
+    "sdpa": "mdlm_packed_dense_mask",
+    "eager": "mdlm_packed_matmul",
+    "flex": "mdlm_packed_block_mask",
+    "flash": "mdlm_packed_varlen",
+}
+"""Backend -> the name registered in transformers (no word transformers reads as one of its kernels)."""
+
+
 def attn_implementation_name(backend: str) -> str:
     """The name under which ``backend`` is registered in transformers' ``AttentionInterface``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    return f"mdlm_{backend}"
+    return REGISTERED_NAMES[backend]
 
 
 def flash_attn_available() -> bool:

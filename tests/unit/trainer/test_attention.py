@@ -147,6 +147,18 @@ def test_backends_are_registered_in_transformers() -> None:
         attention.attn_implementation_name("ring")
 
 
+def test_registered_names_are_not_mistaken_for_transformers_kernels() -> None:
+    """Transformers dispatches on words inside an implementation name (5.25 sends any name with
+    "flash" to its hub kernel loader; "sdpa", "flex_attention", "paged|" and ``org/repo`` names have
+    their own paths): ours contain none of them, so stock code treats them as plain registered functions."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    for backend in attention.BACKENDS:
+        name = attention.attn_implementation_name(backend)
+        assert not any(word in name for word in ("flash", "sdpa", "flex", "paged", "/", ":")), name
+        assert not is_flash_attention_requested(requested_attention_implementation=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # The assembled model, per backend
 
@@ -229,6 +241,8 @@ def test_model_flash_path_equals_sdpa_with_a_fake_kernel(
         sdpa = mdlm.engine_module(batch.input_ids, batch.position_ids, batch.seq_ids)
         mdlm.set_attention("flash")
         try:
+            text_config = mdlm.base_model.config.text_config
+            assert text_config._attn_implementation == attention.attn_implementation_name("flash")
             flash = mdlm.engine_module(
                 batch.input_ids, batch.position_ids, batch.seq_ids, cu_seqlens=batch.cu_seqlens,
                 max_seqlen=batch.max_seqlen,
