@@ -22,6 +22,7 @@ then :meth:`Trainer.train` logs, evaluates, checkpoints and agrees on stopping (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -351,8 +352,8 @@ class Trainer:
         result = TrainResult(step=self.step)
         meter = Throughput()
         progress = self.progress_bar()
-        data = iter(self.loader)  # the plan is endless and equal on every rank: no rank runs dry
-        with self.stop, self.writer:
+        # The plan is endless and equal on every rank: no rank runs dry. Closing it ends the workers.
+        with self.stop, self.writer, contextlib.closing(iter(self.loader)) as data:
             while self.step < self.total_steps and not result.stopped_early:
                 try:
                     self.step_once(data, result, meter, progress)

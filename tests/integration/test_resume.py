@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from launch_helpers import child_env, common_args, free_port, torchrun_cmd
 
@@ -252,33 +253,73 @@ def test_resume_at_another_world_size_equals_uninterrupted(
     assert state is not None and state["world_size"] == ranks_after
 
 
+def leftover_processes(out: Path) -> list[psutil.Process]:
+    """Processes still running whose command line names ``out`` (ranks, their loader workers)."""
+    left = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if str(out) in " ".join(proc.info["cmdline"] or ()) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            left.append(proc)
+    return left
+
+
+# launcher, what stops the run (a signal to the launcher's process group, or the time limit), workers
+STOPS = {
+    "deepspeed-SIGTERM-2-workers": ("deepspeed", signal.SIGTERM, 2),
+    "torchrun-SIGINT-1-worker": ("torchrun", signal.SIGINT, 1),
+    "torchrun-time-limit-2-workers": ("torchrun", None, 2),
+}
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_of_a_deepspeed_run_commits_and_resumes_exactly(
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_stopped_run_with_loader_workers_commits_and_resumes_exactly(
+    stop: str,
     zero3_lora_runs: dict[str, Path],
     tiny_model_dir: Path,
     mixed_shards: Path,
     tmp_path: Path,
     run_cmd: RunCmd,
 ) -> None:
-    """What Slurm's scancel and Kubernetes send: SIGTERM to every process of the job. Every rank
-    checkpoints at the same step and exits 0; the resumed run skips a newer half-written checkpoint
-    and continues with the reference losses."""
-    out = tmp_path / "terminated"
-    args = run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 2)
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    command = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "--module", "trainer", "train", *args]  # fmt: skip
-    proc = start_and_wait_for_step(command, out, 5, capture=True)
-    try:
-        signalled = time.time()
-        os.killpg(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert time.time() - signalled < 60
-    assert "stopped by signal at step" in output
-    stopped_at = int(output.split("stopped by signal at step ")[1].split(";")[0])
+    """What Slurm's scancel and Kubernetes send (SIGTERM to every process of the job, the loader
+    workers too), Ctrl-C (SIGINT to the foreground group) and ``schedule.time_limit_s``: every rank
+    checkpoints at the same step, no worker dies of the signal, every process of the job ends, and the
+    resumed run skips a newer half-written checkpoint and continues with the reference losses."""
+    launcher, sig, workers = STOPS[stop]
+    out = tmp_path / "stopped"
+    args = [
+        *run_args(tiny_model_dir, mixed_shards, out, "zero3", True, 2),
+        "--data.num_workers",
+        str(workers),
+    ]
+    if launcher == "deepspeed":
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        command = [deepspeed, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                   "--module", "trainer", "train", *args]  # fmt: skip
+    else:
+        command = torchrun_cmd(2, args)
+    if sig is None:
+        # Counted from the trainer's start, so a busy machine still stops it well before step 12.
+        command += ["--schedule.time_limit_s", "1"]
+        proc = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        output, why = proc.stdout + proc.stderr, "time limit"
+    else:
+        proc = start_and_wait_for_step(command, out, 5, capture=True)
+        try:
+            signalled = time.time()
+            os.killpg(proc.pid, sig)
+            output, _ = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert time.time() - signalled < 60
+        why = "signal"
+    # torchrun prints its own traceback for the signal it got; a rank's error would say "train: error".
+    assert "DataLoader worker" not in output and "train: error" not in output, output[-3000:]
+    assert f"stopped by {why} at step" in output, output[-3000:]
+    assert not leftover_processes(out)
+    stopped_at = int(output.split(f"stopped by {why} at step ")[1].split(";")[0])
+    assert 0 < stopped_at < TOTAL_STEPS
     root = checkpoint_root(out)
     state = read_state(root / f"step-{stopped_at:08d}")
     assert state is not None and state["step"] == stopped_at

@@ -3,14 +3,22 @@
 Workers split a rank's steps round-robin (worker w of n builds steps w, w+n, ...) and the main
 process re-orders what comes back by step number, so a rank sees the same batches in the same order
 whatever `num_workers` is. Workers only read and collate; all decisions come from the plan.
+
+Workers ignore SIGTERM and SIGINT. A scheduler signals the whole job (scancel, Kubernetes, a
+launcher's `killpg`, Ctrl-C's process group): a worker that died of it would end the rank with
+"DataLoader worker ... is killed by signal" before the rank could commit its checkpoint. The rank
+decides when to stop (trainer.stopping) and ends its workers by closing the loader; torch's watchdog
+ends them if the rank dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +136,29 @@ def _worker_count(requested: int, num_steps: int) -> int:
     return min(requested, usable, max(1, num_steps))
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn``: leave stopping to the rank (see the module docstring), then take the
+    signals held over the fork, which are now ignored."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT while the workers are forked: a forked worker inherits the held mask, so
+    a signal sent before its ``_ignore_stop_signals`` ran waits and is then ignored, never kills it.
+    The rank receives a held signal (its own handler runs) as soon as this block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _ordered_steps(
     steps: Sequence[_Step],
     epoch: int,
@@ -149,10 +180,13 @@ def _ordered_steps(
         prefetch_factor=prefetch_factor,
         pin_memory=pin_memory,
         collate_fn=_identity,
+        worker_init_fn=_ignore_stop_signals,
     )
+    with _stop_signals_held():
+        items = iter(loader)  # forks the workers
     pending: dict[int, TrainStep] = {}
     expected = first_step
-    for item in loader:
+    for item in items:
         # The DataLoader already alternates workers in order; the buffer makes the order a guarantee.
         pending[item.step] = item
         while expected in pending:

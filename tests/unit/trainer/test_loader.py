@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from loader_shards import write_shard_set
@@ -105,6 +108,39 @@ def test_order_does_not_depend_on_num_workers(shard_dir: Path, processor: Any) -
     base = digest(0)
     assert len(base) > 4
     assert digest(3) == base
+
+
+def test_workers_outlive_a_signal_to_the_job_and_end_when_the_loader_closes(
+    shard_dir: Path, processor: Any
+) -> None:
+    """scancel, Kubernetes and Ctrl-C signal every process of the job, the loader's workers too: they
+    ignore SIGTERM and SIGINT (the rank decides when to stop), every step still arrives in order, and
+    closing the loader ends them. The signals come from another process, as a scheduler's do (torch's
+    own worker handler exits quietly only when the parent sends SIGTERM)."""
+    one_rank = dict(world_size=1, grad_accum=1, max_epochs=2)  # enough steps per epoch for two workers
+    expected = [item.keys for item in _loader(shard_dir, processor, num_workers=0, **one_rank)]
+    before = {p.pid for p in psutil.Process().children()}
+    items = iter(_loader(shard_dir, processor, num_workers=2, **one_rank))
+    keys = [next(items).keys]
+    workers = [p for p in psutil.Process().children() if p.pid not in before]
+    assert len(workers) == 2
+    for name in ("TERM", "INT"):
+        subprocess.run(["kill", "-s", name, *(str(w.pid) for w in workers)], check=True)
+    time.sleep(0.5)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    keys.append(next(items).keys)
+    assert keys == expected[:2]
+    items.close()  # what the trainer does when it stops early
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive
+    # A whole two-epoch pass with signals at every epoch's workers gives the unsignalled order.
+    items = iter(_loader(shard_dir, processor, num_workers=2, **one_rank))
+    keys = []
+    for item in items:
+        keys.append(item.keys)
+        fresh = [p for p in psutil.Process().children() if p.pid not in before]
+        subprocess.run(["kill", "-s", "TERM", *(str(w.pid) for w in fresh)], check=False)
+    assert keys == expected
 
 
 def test_workers_beyond_the_usable_cores_are_clamped_with_one_note(
