@@ -87,6 +87,7 @@ from trainer.flops import FlopsModel, flops_model, peak_flops, step_flops, sum_s
 from trainer.model import MDLMModel, assemble_mdlm_model, set_text_causal
 from trainer.pixels import PixelNormaliser, image_patches
 from trainer.positions import mrope_position_ids
+from trainer.run_state import RunState
 from trainer.train import Trainer, build_engine
 
 SMALL_SHAPE = {
@@ -349,7 +350,7 @@ def step_runner(config: TrainConfig, info: distributed.DistInfo, model: MDLMMode
     """A `Trainer` holding what `train_step` reads: its `__init__` would also open shards, a run folder and logs."""
     runner = Trainer.__new__(Trainer)
     runner.config, runner.info, runner.model, runner.engine = config, info, model, engine
-    runner.zero3, runner.train_vision, runner.step = False, False, 0
+    runner.zero3, runner.train_vision, runner.state = False, False, RunState()
     runner.fused_ce = fused_linear_ce(info.device)
     runner.flops_model = flops_model(model, config.lora.enabled)
     return runner
@@ -358,7 +359,7 @@ def step_runner(config: TrainConfig, info: distributed.DistInfo, model: MDLMMode
 def ours_step(runner: Trainer, steps: list[PackedBatch]) -> Callable[[int], tuple[float, float]]:
     def step(i: int) -> tuple[float, float]:
         stats = runner.train_step([steps[i % len(steps)]])
-        runner.step += 1  # new noise each step, as the loop does
+        runner.state.step += 1  # new noise each step, as the loop does
         return stats.num_tokens, stats.flops
 
     return step

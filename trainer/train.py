@@ -51,6 +51,7 @@ from trainer.optim import client_optimizer, schedule_lengths, scheduler_factory
 from trainer.preflight import prepare
 from trainer.run_log import MetricsWriter, Throughput, peak_memory_gib
 from trainer.run_settings import generation_settings
+from trainer.run_state import RunState
 from trainer.seeding import derived_seed
 from trainer.step_stats import NUM_LOSS_SUMS, StepStats, StepSums, loss_sums
 from trainer.stopping import StopAgreement
@@ -251,21 +252,23 @@ class Trainer:
         # module gathers it): ZeRO-3 keeps the chunked head.
         self.fused_ce = None if self.zero3 else fused_linear_ce(info.device)
         self.train_vision = not (config.model.freeze_vision and config.model.freeze_merger)
-        self.step = self.skipped_steps = self.consecutive_skips = 0
-        self.samples_read = self.samples_skipped = 0
+        self.state = RunState()
         self.last_saved = -1
         if resume_dir is not None:
             assert resume_state is not None
             restore(self.engine, resume_dir, resume_state, config, info)
-            self.step = self.last_saved = int(resume_state["step"])
-            self.skipped_steps = int(resume_state.get("skipped_steps", 0))
+            self.state = RunState.from_state(resume_state)
+            self.last_saved = self.state.step
+            if info.is_main:  # the metrics sum the ranks' counters: the saved totals continue once
+                self.loader.num_skipped.update(self.state.skipped_by_reason)
+                self.loader.num_skipped_where.update(self.state.skipped_where)
         self.eval_set = build_eval_set(config, info, processor)
         self.flops_model = flops_model(self.model, config.lora.enabled)
         self.peak_flops = peak_flops(info.device, self.precision)
         self.writer = MetricsWriter(
             self.output_dir, info.is_main, config.logging, to_dict(config), resuming=resume_dir is not None
         )
-        self.stop = StopAgreement(config.schedule, start_step=self.step)
+        self.stop = StopAgreement(config.schedule, start_step=self.state.step)
         self.generation_settings = generation_settings(config) if info.is_main else None  # rank 0 saves them
 
     # -- one optimizer step -----------------------------------------------------------------------
@@ -289,7 +292,7 @@ class Trainer:
         noises = []
         for index, batch in enumerate(micro_batches):
             generator = torch.Generator().manual_seed(
-                derived_seed(self.config.seed, self.step, first + index, 2)
+                derived_seed(self.config.seed, self.state.step, first + index, 2)
             )
             noises.append(self.draw_noise(batch, generator))
             sums.count_host(batch, noises[-1].targets, noises[-1].t_BS)
@@ -299,7 +302,7 @@ class Trainer:
         for index, (batch, noise) in enumerate(zip(micro_batches, noises, strict=True)):
             # Pinned by the loader on CUDA: the copy queues behind the GPU's work, the host does not wait.
             batch = batch.to(info.device, non_blocking=True)
-            torch.manual_seed(derived_seed(self.config.seed, self.step, first + index, 1))
+            torch.manual_seed(derived_seed(self.config.seed, self.state.step, first + index, 1))
             out = self.micro_step(batch, noise, normaliser)
             self.engine.backward(out.loss, scale_wrt_gas=False)
             self.engine.step()
@@ -349,26 +352,26 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """The fixed step order (:meth:`step_once`) until the schedule ends or the ranks agree to stop."""
-        result = TrainResult(step=self.step)
+        result = TrainResult(step=self.state.step)
         meter = Throughput()
         progress = self.progress_bar()
         # The plan is endless and equal on every rank: no rank runs dry. Closing it ends the workers.
         with self.stop, self.writer, contextlib.closing(iter(self.loader)) as data:
-            while self.step < self.total_steps and not result.stopped_early:
+            while self.state.step < self.total_steps and not result.stopped_early:
                 try:
                     self.step_once(data, result, meter, progress)
                 except Exception as err:
                     # A collective's timeout names the collective; this says where in the run it was.
                     if hasattr(err, "add_note"):
                         err.add_note(
-                            f"after optimizer step {self.step} of {self.total_steps} on rank {self.info.rank}"
+                            f"after optimizer step {self.state.step} of {self.total_steps} on rank {self.info.rank}"
                         )
                     raise
             if not result.stopped_early:
                 result.eval = self.finish(result) or result.eval
         if progress is not None:
             progress.close()
-        result.step = self.step
+        result.step = self.state.step
         if result.last_checkpoint is None:
             latest = ckpt.latest_valid(ckpt.checkpoint_root(self.output_dir))
             result.last_checkpoint = str(latest) if latest else None
@@ -381,25 +384,29 @@ class Trainer:
         t1 = time.perf_counter()
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
         stats = self.train_step(item.micro_batches, item.num_read, sum(item.skipped.values()))
-        self.step += 1
+        self.state.step += 1
         t2 = time.perf_counter()
         result.losses.append(stats.loss)
         self.count_skips(stats)
         self.check_skip_budget(stats)
         meter.add(t2 - t0, t1 - t0, stats.num_tokens, stats.num_samples, stats.flops)
-        if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
+        if self.state.step % self.config.logging.log_every == 0 or self.state.step == self.total_steps:
             self.log_step(stats, lr, item.epoch, meter)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(
                 loss=f"{stats.loss:.4f}", tok_s=f"{stats.num_tokens / max(t2 - t0, 1e-9):.0f}"
             )
-        if self.eval_set is not None and self.config.eval.every and self.step % self.config.eval.every == 0:
+        if (
+            self.eval_set is not None
+            and self.config.eval.every
+            and self.state.step % self.config.eval.every == 0
+        ):
             result.eval = self.evaluate()
-        if self.config.checkpoint.save_every and self.step % self.config.checkpoint.save_every == 0:
+        if self.config.checkpoint.save_every and self.state.step % self.config.checkpoint.save_every == 0:
             result.last_checkpoint = str(self.save())
-        why = self.stop.check(self.step)
-        if why is not None and self.step < self.total_steps:
+        why = self.stop.check(self.state.step)
+        if why is not None and self.state.step < self.total_steps:
             result.last_checkpoint = self.stop_early(why) or result.last_checkpoint
             result.stopped_early = True
 
@@ -410,34 +417,34 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(
-            total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr
+            total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True, file=sys.stderr
         )
 
     def count_skips(self, stats: StepStats) -> None:
         """Count skipped (non-finite) steps; too many in a row end the run."""
         if not stats.skipped:
-            self.consecutive_skips = 0
+            self.state.consecutive_skips = 0
             return
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        if self.consecutive_skips >= self.config.schedule.max_consecutive_skips:
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        if self.state.consecutive_skips >= self.config.schedule.max_consecutive_skips:
             raise TrainingError(
-                f"{self.consecutive_skips} non-finite steps in a row (last at step {self.step}): lower optim.lr, "
+                f"{self.state.consecutive_skips} non-finite steps in a row (last at step {self.state.step}): lower optim.lr, "
                 "check the data, or use bf16/fp32 instead of fp16"
             )
 
     def check_skip_budget(self, stats: StepStats) -> None:
         """Stop (every rank together: the counts are global) once too many samples were skipped."""
-        self.samples_read += stats.num_read
-        self.samples_skipped += stats.num_skipped
-        if self.samples_skipped <= self.config.data.max_skip_fraction * self.samples_read:
+        self.state.samples_read += stats.num_read
+        self.state.samples_skipped += stats.num_skipped
+        if self.state.samples_skipped <= self.config.data.max_skip_fraction * self.state.samples_read:
             return
         where = distributed.all_ranks_counter(self.loader.num_skipped_where)
         table = "\n".join(f"  {count:>8}  {reason:<20} {shard}" for (reason, shard), count in sorted(
             ((tuple(key.split(" ", 1)), count) for key, count in where.items()), key=lambda kv: -kv[1]
         ))  # fmt: skip
         raise TrainingError(
-            f"{self.samples_skipped} of {self.samples_read} samples read were skipped by step {self.step} "
+            f"{self.state.samples_skipped} of {self.state.samples_read} samples read were skipped by step {self.state.step} "
             f"(more than data.max_skip_fraction = {self.config.data.max_skip_fraction}); check the shards with "
             f"`python -m data_tools verify DIR`, or raise data.max_skip_fraction:\n    count  reason               shard\n{table}"
         )
@@ -446,12 +453,12 @@ class Trainer:
         """One metrics line (every rank takes part: skipped samples are summed over ranks)."""
         skipped_samples = distributed.all_ranks_counter(self.loader.num_skipped)
         self.writer.write({
-            "step": self.step, "epoch": epoch, "loss": stats.loss, "ce_per_masked": stats.ce_per_masked,
+            "step": self.state.step, "epoch": epoch, "loss": stats.loss, "ce_per_masked": stats.ce_per_masked,
             "lr": lr, "grad_norm": stats.grad_norm if math.isfinite(stats.grad_norm) else None,
             **meter.record(self.info.world_size, self.peak_flops),
             "peak_memory_gib": peak_memory_gib(self.info.device), "mean_t": stats.mean_t,
             "num_tokens": stats.num_tokens, "num_answer_tokens": stats.num_answer_tokens,
-            "num_masked": stats.num_masked, "skipped_steps": self.skipped_steps,
+            "num_masked": stats.num_masked, "skipped_steps": self.state.skipped_steps,
             "skipped_samples": skipped_samples, "elapsed_s": time.perf_counter() - self.stop.start_time,
         })  # fmt: skip
 
@@ -467,33 +474,38 @@ class Trainer:
             shift=cfg.diffusion.shift, seed=cfg.seed, device=self.info.device,
         )  # fmt: skip
         self.writer.write(
-            {"kind": "eval", "step": self.step, **metrics, "skipped_samples": self.eval_set.skipped}
+            {"kind": "eval", "step": self.state.step, **metrics, "skipped_samples": self.eval_set.skipped}
         )
         return metrics
 
     def save(self) -> Path:
         """Commit a checkpoint of this step (every rank calls it)."""
         cfg, info = self.config, self.info
+        self.state.skipped_by_reason = distributed.all_ranks_counter(self.loader.num_skipped)
+        self.state.skipped_where = distributed.all_ranks_counter(self.loader.num_skipped_where)
         state = {
-            "step": self.step, "data": self.loader.state(), "config_hash": config_hash(cfg),
+            **self.state.to_state(), "data": self.loader.state(), "config_hash": config_hash(cfg),
             "world_size": info.world_size, "global_batch_size": global_batch_size(cfg, info.world_size),
-            "skipped_steps": self.skipped_steps, "zero_stage": zero_stage(self.ds_config),
+            "zero_stage": zero_stage(self.ds_config),
             "lora": cfg.lora.enabled, "model": cfg.model.name_or_path, "mask_token_id": self.model.mask_token_id,
             # The whole resolved config, so export needs nothing but the checkpoint directory.
             "config": to_dict(cfg),
         }  # fmt: skip
         path = ckpt.save(
-            self.engine, self.output_dir, self.step, state, cfg.checkpoint.keep_last, self.zero3, info.is_main,
+            self.engine, self.output_dir, self.state.step, state, cfg.checkpoint.keep_last, self.zero3, info.is_main,
             self.generation_settings,
         )  # fmt: skip
-        self.last_saved = self.step
+        self.last_saved = self.state.step
         return path
 
     def stop_early(self, why: str) -> str | None:
         """Checkpoint (unless this step just was) and say so; returns the new checkpoint, if any."""
-        path = str(self.save()) if self.last_saved != self.step else None
+        path = str(self.save()) if self.last_saved != self.state.step else None
         if self.info.is_main:
-            print(f"train: stopped by {why} at step {self.step}; resume with --resume auto", file=sys.stderr)
+            print(
+                f"train: stopped by {why} at step {self.state.step}; resume with --resume auto",
+                file=sys.stderr,
+            )
         return path
 
     def finish(self, result: TrainResult) -> dict[str, float] | None:
@@ -503,10 +515,10 @@ class Trainer:
         if (
             self.eval_set is not None
             and cfg.eval.at_end
-            and (not cfg.eval.every or self.step % cfg.eval.every)
+            and (not cfg.eval.every or self.state.step % cfg.eval.every)
         ):
             metrics = self.evaluate()
-        if cfg.checkpoint.save_at_end and self.last_saved != self.step:
+        if cfg.checkpoint.save_at_end and self.last_saved != self.state.step:
             result.last_checkpoint = str(self.save())
         return metrics
 

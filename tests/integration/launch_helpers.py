@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from trainer.checkpoint import POINTER_FILE, checkpoint_root, read_state
 from trainer.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,3 +48,19 @@ def losses_by_step(out: Path) -> dict[int, float]:
     """The last logged loss of every step (a resumed run appends to the same file)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r.get("kind") != "eval"}
+
+
+def stopped_after(reference: Path, out: Path, step: int) -> Path:
+    """``reference``'s output folder as a run that committed ``step`` and ended there: the later
+    checkpoints and metrics are removed (what a run stopped by ``exit_after_steps`` leaves; it saves
+    a launch per test)."""
+    shutil.copytree(reference, out)
+    root = checkpoint_root(out)
+    for ckpt in root.iterdir():
+        if ckpt.is_dir() and ckpt.name.startswith("step-") and int(ckpt.name[5:]) > step:
+            shutil.rmtree(ckpt)
+    (root / POINTER_FILE).write_text(f"step-{step:08d}")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
+    assert read_state(root / f"step-{step:08d}") is not None
+    return out

@@ -20,10 +20,9 @@ from typing import Any
 
 import psutil
 import pytest
-from launch_helpers import child_env, common_args, free_port, torchrun_cmd
+from launch_helpers import child_env, common_args, free_port, stopped_after, torchrun_cmd
 
 from trainer.checkpoint import (
-    POINTER_FILE,
     STATE_FILE,
     UNIVERSAL_DIR,
     WEIGHTS_FILE,
@@ -112,22 +111,6 @@ def check_two_rank_run(out: Path, stdout: str, total: int = TOTAL_STEPS) -> None
     state = read_state(checkpoint_root(out) / f"step-{total:08d}")
     assert state is not None and state["world_size"] == 2 and state["data"]["step"] >= 0
     assert (checkpoint_root(out) / f"step-{total:08d}" / WEIGHTS_FILE).is_file()
-
-
-def stopped_after(reference: Path, out: Path, step: int) -> Path:
-    """``reference``'s output folder as a run that committed ``step`` and ended there: the later
-    checkpoints and metrics are removed (what a run stopped by ``exit_after_steps`` leaves; it saves
-    a launch per test)."""
-    shutil.copytree(reference, out)
-    root = checkpoint_root(out)
-    for ckpt in root.iterdir():
-        if ckpt.is_dir() and ckpt.name.startswith("step-") and int(ckpt.name[5:]) > step:
-            shutil.rmtree(ckpt)
-    (root / POINTER_FILE).write_text(f"step-{step:08d}")
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
-    assert read_state(root / f"step-{step:08d}") is not None
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from launch_helpers import REPO, child_env, common_args
+from launch_helpers import REPO, child_env, common_args, stopped_after
 
 from data_tools.index import read_index, read_table
 from trainer.checkpoint import RunLock, RunLockError, checkpoint_root, commit, latest_valid, read_state
@@ -202,6 +202,39 @@ def test_too_many_skipped_samples_stop_the_run_with_a_table(
         "samples read were skipped by step" in proc.stderr and "data.max_skip_fraction = 0.001" in proc.stderr
     )
     assert re.search(rf"\d+  corrupt +{shard['name']}", proc.stderr)
+
+
+def skip_counts(out: Path) -> dict[int, dict[str, int]]:
+    """The ``skipped_samples`` metric of every step."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["skipped_samples"] for r in map(json.loads, lines) if r.get("kind") != "eval"}
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_skipped_samples_and_skip_budget(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
+) -> None:
+    """The skip counts belong to the run, not to the launch (trainer.run_state): resumed at step 3,
+    the ``skipped_samples`` metric and the skip budget's counters go on from the checkpoint's and end
+    where the uninterrupted run's end."""
+    shards = copied_shards(mixed_shards, tmp_path)
+    shard = read_index(shards / "train")["shards"][0]
+    corrupt_samples(shards / "train" / shard["name"], read_table(shards / "train").shard_entries(0)[1::2])
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    args = ["--max_steps", "6", "--save_steps", "3", "--data.max_skip_fraction", "0.9"]
+    proc = train_once([*common_args(tiny_model_dir, shards, reference), *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stopped_after(reference, resumed, 3)
+    proc = train_once([*common_args(tiny_model_dir, shards, resumed), *args, "--resume", "auto"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = skip_counts(reference)
+    assert expected[3]["corrupt"] < expected[6]["corrupt"]  # skips before and after the resume
+    assert skip_counts(resumed) == expected
+    budget = ("samples_read", "samples_skipped", "skipped_by_reason", "skipped_where")
+    final = [read_state(checkpoint_root(out) / "step-00000006") for out in (reference, resumed)]
+    assert {key: final[1][key] for key in budget} == {key: final[0][key] for key in budget}
+    at_resume = read_state(checkpoint_root(resumed) / "step-00000003")
+    assert 0 < at_resume["samples_skipped"] < final[0]["samples_skipped"] < final[0]["samples_read"]
 
 
 @pytest.mark.slow

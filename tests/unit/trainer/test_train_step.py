@@ -19,6 +19,7 @@ from trainer.distributed import DistInfo
 from trainer.flops import flops_model
 from trainer.model import MDLMModel, build_mdlm_model
 from trainer.positions import mrope_position_ids
+from trainer.run_state import RunState
 from trainer.step_stats import StepSums
 from trainer.train import Trainer, build_training_model
 
@@ -83,7 +84,7 @@ def _trainer(model: MDLMModel, *, zero3: bool, fused_ce: Any = None, chunk: int 
     trainer.info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     trainer.model, trainer.engine = model, StandInEngine(model.engine_module)
     trainer.zero3, trainer.fused_ce, trainer.train_vision = zero3, fused_ce, False
-    trainer.step, trainer.flops_model = 3, flops_model(model, lora=True)
+    trainer.state, trainer.flops_model = RunState(step=3), flops_model(model, lora=True)
     return trainer
 
 
