@@ -225,8 +225,6 @@ class Trainer:
     def __init__(
         self, config: TrainConfig, ds_config: dict[str, Any], resume_dir: Path | None, info: DistInfo
     ):
-        from trainer.assets import load_processor
-
         self.config, self.ds_config, self.info = config, ds_config, info
         cuda = info.device.type == "cuda"
         self.precision = resolve_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
@@ -243,7 +241,7 @@ class Trainer:
         resume_state = ckpt.read_state(resume_dir) if resume_dir is not None else None
 
         self.model = build_training_model(config, self.precision, info)
-        processor = load_processor(config.model.name_or_path)
+        processor = self.model.processor  # loaded with the model (a Qwen tokenizer takes ~2 s to load)
         self.loader = build_train_loader(config, info, processor, resume_state)
         self.total_steps, warmup = schedule_lengths(config, self.loader.num_steps(0))
         self.engine, self.scheduler = build_engine(config, ds_config, self.model, self.total_steps, warmup)
