@@ -39,7 +39,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 def usage() -> str:
     """The command list."""
-    lines = ["usage: python -m data_tools COMMAND [options]", "", "commands:"]
+    lines = [
+        "usage: python -m data_tools COMMAND [options]   (installed as qwen3vl-mdlm-data COMMAND)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<13} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 

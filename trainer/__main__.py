@@ -17,7 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: python -m trainer COMMAND [options]", "", "commands:"]
+    lines = [
+        "usage: python -m trainer COMMAND [options]   (installed as qwen3vl-mdlm COMMAND)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines += ["", "python -m trainer COMMAND --help: the command's options (train --help: every config key)"]
     return "\n".join(lines)

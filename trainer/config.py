@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -39,8 +40,8 @@ DEFAULT_T_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_ACCURACY_T: tuple[float, ...] = (0.15, 0.5, 1.0)
 """Times at which masked-token accuracy is reported (``eval.accuracy_t``)."""
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DS_TEMPLATE_DIR = REPO_ROOT / "ds_configs"
+# The templates are package data of `ds_configs` (a plain file path in a checkout or any install).
+DS_TEMPLATE_DIR = Path(str(importlib.resources.files("ds_configs")))
 DS_TEMPLATES = ("zero2", "zero3", "zero3_offload")
 
 
