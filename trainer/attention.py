@@ -18,9 +18,10 @@ How it hooks into stock transformers: each backend is registered in transformers
 ``AttentionInterface`` under its name in :data:`REGISTERED_NAMES` and the text config's attention
 implementation is set to that name (``trainer.model`` does it). Transformers dispatches on words inside
 an implementation name (since 5.25 any name containing "flash" goes to its own flash-kernel loader;
-"sdpa" and "flex_attention" trigger their dispatch checks), so the registered names use none of them. Stock ``Qwen3VLTextModel.forward`` passes its extra keyword
-arguments down to the attention function, so the block structure travels as the keyword
-``packed_attention`` (a :class:`PackedAttention`, built once per forward, not once per layer).
+"sdpa" and "flex_attention" trigger their dispatch checks), so the registered names use none of them.
+Stock ``Qwen3VLTextModel.forward`` passes its extra keyword arguments down to the attention function,
+so the block structure travels as the keyword ``packed_attention`` (a :class:`PackedAttention`, built
+once per forward, not once per layer).
 Because the name is not one of transformers' mask backends, transformers builds no mask of its own.
 
 The causal flag is honoured: a module with ``is_causal = True`` gets a causal mask inside each
