@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import psutil
+
 from trainer.checkpoint import POINTER_FILE, checkpoint_root, read_state
 from trainer.distributed import free_port
 
@@ -64,3 +66,9 @@ def stopped_after(reference: Path, out: Path, step: int) -> Path:
     (out / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
     assert read_state(root / f"step-{step:08d}") is not None
     return out
+
+
+def processes_naming(path: Path) -> list[psutil.Process]:
+    """Processes whose command line names ``path`` (launchers, ranks, their loader workers): none may
+    be left once a job has ended."""
+    return [p for p in psutil.process_iter(["cmdline"]) if str(path) in " ".join(p.info["cmdline"] or ())]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch_helpers import REPO, child_env, common_args, free_port, torchrun_cmd
+from launch_helpers import REPO, child_env, common_args, free_port, processes_naming, torchrun_cmd
 
 SITE = Path(__file__).with_name("fail_site")
 
@@ -75,9 +75,7 @@ def test_one_rank_raises_and_every_process_is_gone_within_60_s(
     message = f"[rank {failing_rank}] RuntimeError: injected failure on rank {failing_rank}"
     assert stderr.count(message) == 1, stderr[-4000:]
     assert f"[rank {failing_rank}] train: error" in stderr
-    leftovers = [
-        p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
-    ]
+    leftovers = processes_naming(tmp_path)
     assert not leftovers, leftovers
 
 

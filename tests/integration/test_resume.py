@@ -18,9 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from launch_helpers import child_env, common_args, free_port, stopped_after, torchrun_cmd
+from launch_helpers import child_env, common_args, free_port, processes_naming, stopped_after, torchrun_cmd
 
 from trainer.checkpoint import (
     STATE_FILE,
@@ -236,15 +235,6 @@ def test_resume_at_another_world_size_equals_uninterrupted(
     assert state is not None and state["world_size"] == ranks_after
 
 
-def leftover_processes(out: Path) -> list[psutil.Process]:
-    """Processes still running whose command line names ``out`` (ranks, their loader workers)."""
-    left = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if str(out) in " ".join(proc.info["cmdline"] or ()) and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            left.append(proc)
-    return left
-
-
 # launcher, what stops the run (a signal to the launcher's process group, or the time limit), workers
 STOPS = {
     "deepspeed-SIGTERM-2-workers": ("deepspeed", signal.SIGTERM, 2),
@@ -300,7 +290,7 @@ def test_a_stopped_run_with_loader_workers_commits_and_resumes_exactly(
     # torchrun prints its own traceback for the signal it got; a rank's error would say "train: error".
     assert "DataLoader worker" not in output and "train: error" not in output, output[-3000:]
     assert f"stopped by {why} at step" in output, output[-3000:]
-    assert not leftover_processes(out)
+    assert not processes_naming(out)
     stopped_at = int(output.split(f"stopped by {why} at step ")[1].split(";")[0])
     assert 0 < stopped_at < TOTAL_STEPS
     root = checkpoint_root(out)
