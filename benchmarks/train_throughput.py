@@ -18,7 +18,7 @@ by default, tokenised by `data_tools.samples.tokenize_conversation` and made int
 (uint8 patches, per-sample M-RoPE ids). They fill rows of at most `--max-tokens` in order; a step is one
 micro-batch of `--rows` rows collated by `trainer.data.batch.collate_rows`. Three distinct steps are cycled.
 
-ours: `trainer.train.Trainer.train_step` itself (noise drawn on the host; the frozen tower under no_grad outside
+ours: the trainer's step itself (`trainer.step.TrainStep`: noise drawn on the host; the frozen tower under no_grad outside
 the engine; the engine forward with the loss at masked positions only: liger-kernel's fused linear CE where it
 runs, else the chunked head; backward; optimizer step) on a DeepSpeed ZeRO-2 engine built by
 `trainer.train.build_engine` from the trainer's `ds_configs/zero2.json` (one process: NCCL on CUDA, gloo on
@@ -82,13 +82,12 @@ from trainer import attention, distributed
 from trainer.assets import build_image_processor, build_qwen_tokenizer, tiny_config
 from trainer.config import TrainConfig, build_config, build_deepspeed_config
 from trainer.data.batch import LoadedSample, PackedBatch, collate_rows
-from trainer.diffusion import fused_linear_ce
-from trainer.flops import FlopsModel, flops_model, peak_flops, step_flops, sum_sq_doc_len
+from trainer.flops import FlopsModel, peak_flops, step_flops, sum_sq_doc_len
 from trainer.model import MDLMModel, assemble_mdlm_model, set_text_causal
 from trainer.pixels import PixelNormaliser, image_patches
 from trainer.positions import mrope_position_ids
-from trainer.run_state import RunState
-from trainer.train import Trainer, build_engine
+from trainer.step import TrainStep
+from trainer.train import build_engine
 
 SMALL_SHAPE = {
     "hidden_size": 64,
@@ -346,20 +345,14 @@ def random_model(qwen_config: Qwen3VLConfig, config: TrainConfig, device: torch.
     return model
 
 
-def step_runner(config: TrainConfig, info: distributed.DistInfo, model: MDLMModel, engine: Any) -> Trainer:
-    """A `Trainer` holding what `train_step` reads: its `__init__` would also open shards, a run folder and logs."""
-    runner = Trainer.__new__(Trainer)
-    runner.config, runner.info, runner.model, runner.engine = config, info, model, engine
-    runner.zero3, runner.train_vision, runner.state = False, False, RunState()
-    runner.fused_ce = fused_linear_ce(info.device)
-    runner.flops_model = flops_model(model, config.lora.enabled)
-    return runner
+def step_runner(config: TrainConfig, info: distributed.DistInfo, model: MDLMModel, engine: Any) -> TrainStep:
+    """The trainer's own step (`trainer.step.TrainStep`) over `engine`."""
+    return TrainStep.for_model(config, info, model, engine)
 
 
-def ours_step(runner: Trainer, steps: list[PackedBatch]) -> Callable[[int], tuple[float, float]]:
+def ours_step(runner: TrainStep, steps: list[PackedBatch]) -> Callable[[int], tuple[float, float]]:
     def step(i: int) -> tuple[float, float]:
-        stats = runner.train_step([steps[i % len(steps)]])
-        runner.state.step += 1  # new noise each step, as the loop does
+        stats = runner([steps[i % len(steps)]], step=i)  # new noise each step, as the loop draws it
         return stats.num_tokens, stats.flops
 
     return step
@@ -472,7 +465,7 @@ def run_model(
     set_text_causal(model.base_model, True)
     try:
         run(f"seed (causal, full-vocab loss, padded to {work.seed_len})",
-            seed_step(model, engine, seed_steps, runner.flops_model, device))  # fmt: skip
+            seed_step(model, engine, seed_steps, runner.flops, device))  # fmt: skip
     finally:
         engine.set_gradient_accumulation_boundary(True)  # ours: one micro-batch a step, always a boundary
     if "compiled" in args.modes:

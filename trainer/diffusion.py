@@ -45,8 +45,6 @@ from torch.utils.checkpoint import checkpoint
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 """Names accepted as ``schedule``."""
 
-"""Names accepted as ``normalization``."""
-
 
 # ----------------------------------------------------------------------------------------------
 # Schedules
@@ -165,6 +163,33 @@ def per_token(values_BS: torch.Tensor, seq_ids_BL: torch.Tensor) -> torch.Tensor
     return values_BS.gather(1, seq_ids_BL.clamp(min=0))
 
 
+def answer_weights(
+    input_ids_BL: torch.Tensor,
+    answer_mask_BL: torch.Tensor,
+    seq_ids_BL: torch.Tensor,
+    *,
+    pad_ids: tuple[int, ...],
+    pad_weight: float,
+) -> torch.Tensor:
+    """[B, L] float32: what each answer token weighs in the loss and in its normaliser.
+
+    An answer's own tokens weigh 1. The P pad targets after it (``pad_ids`` inside ``answer_mask``:
+    ``data_tools build --answer-padding``; dataset text never encodes to them) weigh ``min(1,
+    pad_weight / P)`` each, so a sample's pads together weigh at most ``pad_weight`` answer tokens
+    however long its pad tail was drawn (``pad_weight`` 0: each weighs 1). 0 outside answers.
+    """
+    answer_BL = answer_mask_BL.bool() & (seq_ids_BL >= 0)
+    weights_BL = answer_BL.float()
+    if pad_weight <= 0 or not pad_ids:
+        return weights_BL
+    pad_BL = answer_BL & torch.isin(input_ids_BL, torch.tensor(pad_ids, device=input_ids_BL.device))
+    width = int(seq_ids_BL.max().clamp(min=0)) + 1
+    num_pads_BS = torch.zeros(seq_ids_BL.shape[0], width, device=seq_ids_BL.device)
+    num_pads_BS.scatter_add_(1, seq_ids_BL.clamp(min=0), pad_BL.float())
+    per_pad_BS = (pad_weight / num_pads_BS.clamp(min=1.0)).clamp(max=1.0)
+    return torch.where(pad_BL, per_token(per_pad_BS, seq_ids_BL), weights_BL)
+
+
 def apply_masking(
     input_ids_BL: torch.Tensor,
     answer_mask_BL: torch.Tensor,
@@ -174,11 +199,13 @@ def apply_masking(
     mask_token_id: int,
     schedule: str = "linear",
     generator: torch.Generator | None = None,
+    answer_weight_BL: torch.Tensor | None = None,
 ) -> MaskedBatch:
     """Mask each answer token of sub-sequence (b, s) independently with probability ``p_mask(t[b, s])``.
 
     Prompt, image, template and padding tokens are never masked (they are outside ``answer_mask``;
-    padding is excluded again through ``seq_ids = -1``).
+    padding is excluded again through ``seq_ids = -1``). ``answer_weight_BL`` (:func:`answer_weights`)
+    scales each masked token's loss weight.
     """
     answer_mask_BL = answer_mask_BL.bool() & (seq_ids_BL >= 0)
     t_BL = per_token(t_BS, seq_ids_BL)
@@ -187,6 +214,8 @@ def apply_masking(
     u_BL = torch.rand(input_ids_BL.shape, generator=generator, device=gen_device).to(input_ids_BL.device)
     masked_BL = answer_mask_BL & (u_BL < p_mask_BL)
     loss_weight_BL = torch.where(masked_BL, loss_weight_at(t_BL, schedule), torch.zeros_like(t_BL))
+    if answer_weight_BL is not None:
+        loss_weight_BL = loss_weight_BL * answer_weight_BL
     noisy_BL = torch.where(masked_BL, torch.full_like(input_ids_BL, mask_token_id), input_ids_BL)
     return MaskedBatch(
         noisy_input_ids=noisy_BL,

@@ -39,7 +39,7 @@ class StepStats:
     """Global (all-rank) numbers of one optimizer step."""
 
     loss: float
-    """sum(loss_weight * CE) over masked tokens / answer tokens (the objective)."""
+    """sum(loss_weight * CE) over masked tokens / what the answer tokens weigh (the objective)."""
     ce_per_masked: float
     """Plain CE per masked token."""
     grad_norm: float
@@ -48,7 +48,7 @@ class StepStats:
     """The update was skipped on every rank (non-finite loss or gradients)."""
     num_tokens: int
     num_answer_tokens: int
-    """Answer tokens (the normaliser)."""
+    """Answer tokens, pads included."""
     num_masked: int
     num_samples: int
     mean_t: float
@@ -110,10 +110,13 @@ class StepSums:
         host = torch.tensor(astuple(self)[NUM_LOSS_SUMS:], dtype=torch.float64)
         return StepSums(*distributed.all_reduce_sum(torch.cat([loss_sums, host.to(loss_sums.device)])))
 
-    def stats(self, num_answer_tokens: float, grad_norm: float, fm: FlopsModel) -> StepStats:
-        """The step's numbers from all-rank sums; ``num_answer_tokens`` is the loss normaliser."""
+    def stats(
+        self, num_answer_tokens: float, normaliser: float, grad_norm: float, fm: FlopsModel
+    ) -> StepStats:
+        """The step's numbers from all-rank sums; ``normaliser``: what the answer tokens weigh
+        (``num_answer_tokens`` unless ``diffusion.pad_weight`` caps the pads)."""
         return StepStats(
-            loss=self.weighted_ce / max(num_answer_tokens, 1.0),
+            loss=self.weighted_ce / max(normaliser, 1.0),
             ce_per_masked=self.ce / max(self.num_masked, 1.0),
             grad_norm=grad_norm,
             # The norm is global (identical on all ranks); the loss flag was summed: one decision.

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from data_tools.samples import IM_END, IMAGE_PAD, MASK_TOKEN
+from data_tools.samples import ENDOFTEXT, IM_END, IMAGE_PAD, MASK_TOKEN, RAINBOW_PADS
 
-ENDOFTEXT = "<|endoftext|>"
-"""Padding between rows and the answer-padding target."""
 IM_START = "<|im_start|>"
 VISION_START = "<|vision_start|>"
 
@@ -20,6 +18,7 @@ __all__ = [
     "MASK_TOKEN",
     "VISION_START",
     "SpecialTokens",
+    "answer_pad_ids",
     "token_id",
 ]
 
@@ -31,6 +30,11 @@ def token_id(tokenizer: Any, text: str) -> int:
         hint = ": load the tokenizer through trainer.model" if text == MASK_TOKEN else ""
         raise ValueError(f"the tokenizer has no {text} token{hint}")
     return int(found)
+
+
+def answer_pad_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids `data_tools build --answer-padding` pads answers with (`<|endoftext|>`, the rainbow's)."""
+    return tuple(token_id(tokenizer, text) for text in (ENDOFTEXT, *RAINBOW_PADS))
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,11 @@ Python API::
     from trainer.train import run
     result = run(load_config("configs/demo.yaml", {"schedule.max_steps": 10}))
 
-One optimizer step (:meth:`Trainer.train_step`), in this order on every rank:
+One optimizer step, in this order on every rank:
  1. fetch this rank's micro-batches of the global step (data wait is timed);
- 2. count the answer tokens of the whole global step on all ranks (one all-reduce): the normaliser,
-    so the gradient does not depend on how samples were packed or sharded (docs/DESIGN.md §3);
- 3. on the host, for every micro-batch: a per-sub-sequence t, the masked answer tokens, gathered
-    (its host tensors and a CPU generator: no device work), and the counts of the step statistics;
- 4. per micro-batch, with no host synchronisation: frozen vision tower under no_grad (outside the
-    engine, docs/DESIGN.md §2), engine forward with the loss at masked positions, engine backward,
-    engine step (DeepSpeed steps the optimizer at the accumulation boundary; a non-finite gradient
-    norm makes it skip the update on every rank); the loss sums stay on the device;
- 5. reduce the step's statistics in one all-reduce; agree on finiteness and count skipped steps;
+ 2. run them (``trainer.step.TrainStep``: the normaliser, the noise drawn on the host, forward,
+    backward and the engine's step, the step's statistics in one all-reduce);
+ 3. agree on finiteness and count skipped steps;
 then :meth:`Trainer.train` logs, evaluates, checkpoints and agrees on stopping (signals, limits).
 """
 
@@ -43,17 +37,16 @@ from trainer.config import (
     write_run_files,
     zero_stage,
 )
-from trainer.diffusion import MaskedTargets, apply_masking, fused_linear_ce, gather_masked, sample_sequence_t
 from trainer.distributed import DistInfo
-from trainer.flops import flops_model, peak_flops
-from trainer.model import MDLMModel, MDLMOutput, build_mdlm_model
+from trainer.flops import peak_flops
+from trainer.model import MDLMModel, build_mdlm_model
 from trainer.optim import client_optimizer, schedule_lengths, scheduler_factory
 from trainer.preflight import prepare
 from trainer.run_log import MetricsWriter, Throughput, peak_memory_gib
 from trainer.run_settings import generation_settings
 from trainer.run_state import RunState
-from trainer.seeding import derived_seed
-from trainer.step_stats import NUM_LOSS_SUMS, StepStats, StepSums, loss_sums
+from trainer.step import TrainStep
+from trainer.step_stats import StepStats
 from trainer.stopping import StopAgreement
 
 if TYPE_CHECKING:
@@ -80,18 +73,6 @@ class TrainResult:
     """Directory of the newest committed checkpoint, if any."""
     eval: dict[str, float] = field(default_factory=dict)
     """Metrics of the last evaluation."""
-
-
-@dataclass
-class Noise:
-    """One micro-batch's noise, drawn on the host (:meth:`Trainer.draw_noise`)."""
-
-    noisy_input_ids: torch.Tensor
-    """[B, L] long: the input with the masked tokens replaced by ``<|mask|>``."""
-    targets: MaskedTargets
-    """The masked tokens, gathered."""
-    t_BS: torch.Tensor
-    """[B, S] diffusion time per sub-sequence."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,10 +227,7 @@ class Trainer:
         self.total_steps, warmup = schedule_lengths(config, self.loader.num_steps(0))
         self.engine, self.scheduler = build_engine(config, ds_config, self.model, self.total_steps, warmup)
         self.zero3 = zero_stage(ds_config) == 3
-        # The fused head + CE reads the head's weight, which ZeRO-3 partitions (only a call of the
-        # module gathers it): ZeRO-3 keeps the chunked head.
-        self.fused_ce = None if self.zero3 else fused_linear_ce(info.device)
-        self.train_vision = not (config.model.freeze_vision and config.model.freeze_merger)
+        self.train_step = TrainStep.for_model(config, info, self.model, self.engine, zero3=self.zero3)
         self.state = RunState()
         self.last_saved = -1
         if resume_dir is not None:
@@ -261,90 +239,12 @@ class Trainer:
                 self.loader.num_skipped.update(self.state.skipped_by_reason)
                 self.loader.num_skipped_where.update(self.state.skipped_where)
         self.eval_set = build_eval_set(config, info, processor)
-        self.flops_model = flops_model(self.model, config.lora.enabled)
         self.peak_flops = peak_flops(info.device, self.precision)
         self.writer = MetricsWriter(
             self.output_dir, info.is_main, config.logging, to_dict(config), resuming=resume_dir is not None
         )
         self.stop = StopAgreement(config.schedule, start_step=self.state.step)
         self.generation_settings = generation_settings(config) if info.is_main else None  # rank 0 saves them
-
-    # -- one optimizer step -----------------------------------------------------------------------
-
-    def train_step(
-        self, micro_batches: list[PackedBatch], num_read: int = 0, num_skipped: int = 0
-    ) -> StepStats:
-        """Forward/backward every micro-batch of this rank and step the optimizer (module docstring).
-
-        ``num_read`` / ``num_skipped``: this rank's loader counts for the step (summed with the rest)."""
-        info = self.info
-        # The normaliser: answer tokens of the whole global step.
-        (global_answers,) = distributed.all_reduce_sum([sum(mb.num_answer_tokens for mb in micro_batches)])
-        # DeepSpeed averages gradients over ranks: scale each rank's share back up by the world size.
-        normaliser = max(global_answers, 1.0) / info.world_size
-        sums = StepSums(num_read=float(num_read), num_skipped=float(num_skipped))
-        # Noise and dropout are keyed by the micro-batch's place in the global step (the plan puts
-        # micro-batch m of rank r at r * grad_accum + m), never by the rank alone: a resumed run is
-        # exact, also at another world size with the same micro-batch size.
-        first = info.rank * len(micro_batches)
-        noises = []
-        for index, batch in enumerate(micro_batches):
-            generator = torch.Generator().manual_seed(
-                derived_seed(self.config.seed, self.state.step, first + index, 2)
-            )
-            noises.append(self.draw_noise(batch, generator))
-            sums.count_host(batch, noises[-1].targets, noises[-1].t_BS)
-        # From here to the reduction nothing reads the device: the host queues every micro-batch's
-        # work without waiting for the previous one.
-        device_sums = torch.zeros(NUM_LOSS_SUMS, dtype=torch.float64, device=info.device)
-        for index, (batch, noise) in enumerate(zip(micro_batches, noises, strict=True)):
-            # Pinned by the loader on CUDA: the copy queues behind the GPU's work, the host does not wait.
-            batch = batch.to(info.device, non_blocking=True)
-            torch.manual_seed(derived_seed(self.config.seed, self.state.step, first + index, 1))
-            out = self.micro_step(batch, noise, normaliser)
-            self.engine.backward(out.loss, scale_wrt_gas=False)
-            self.engine.step()
-            device_sums += loss_sums(out)
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        return sums.reduced(device_sums).stats(global_answers, grad_norm, self.flops_model)
-
-    def draw_noise(self, batch: PackedBatch, generator: torch.Generator) -> Noise:
-        """A t per sub-sequence and the masked answer tokens of one micro-batch, gathered: from its host
-        tensors with a CPU generator, so the masked count is known without a device read."""
-        cfg = self.config.diffusion
-        t_BS = sample_sequence_t(batch.seq_ids, eps=cfg.eps, stratified=cfg.stratified_t, generator=generator)
-        noisy = apply_masking(
-            batch.input_ids, batch.answer_mask, batch.seq_ids, t_BS, mask_token_id=self.model.mask_token_id,
-            schedule=cfg.schedule, generator=generator,
-        )  # fmt: skip
-        targets = gather_masked(
-            noisy.target_ids, noisy.masked, noisy.loss_weight, shift=cfg.shift, seq_ids_BL=batch.seq_ids
-        )
-        return Noise(noisy.noisy_input_ids, targets, t_BS)
-
-    def micro_step(self, batch: PackedBatch, noise: Noise, normaliser: float) -> MDLMOutput:
-        """The engine's forward with the loss: one micro-batch on the device, its noise from the host."""
-        device = self.info.device
-        vision_kwargs: dict[str, Any] = {}
-        if self.train_vision:
-            vision_kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
-        elif batch.pixel_values is not None:
-            # Frozen tower, outside the engine, no autograd (docs/DESIGN.md §2).
-            vision_kwargs = {"vision": self.model.vision_features(batch.pixel_values, batch.image_grid_thw)}
-        # ZeRO-3 gathers the head at every call, so every rank calls it once per micro-batch: one
-        # chunk, whatever this rank's masked count (a rank with none calls it on a placeholder), no
-        # collective. Its logits are kept for backward: ZeRO-3 does not re-gather a weight inside a
-        # checkpoint recompute.
-        chunk_size = None if self.zero3 else self.config.diffusion.ce_chunk_size
-        # The loss is computed inside the engine's forward: under ZeRO-3 the tied LM head and the
-        # trained mask row are gathered there.
-        return self.engine(
-            noise.noisy_input_ids.to(device, non_blocking=True), batch.position_ids, batch.seq_ids,
-            targets=noise.targets.to(device, non_blocking=True), num_normalizer=normaliser,
-            cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, chunk_size=chunk_size,
-            checkpoint_chunks=not self.zero3, fused_ce=self.fused_ce, **vision_kwargs,
-        )  # fmt: skip
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -381,7 +281,9 @@ class Trainer:
         item = next(data)
         t1 = time.perf_counter()
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
-        stats = self.train_step(item.micro_batches, item.num_read, sum(item.skipped.values()))
+        stats = self.train_step(
+            item.micro_batches, self.state.step, item.num_read, sum(item.skipped.values())
+        )
         self.state.step += 1
         t2 = time.perf_counter()
         result.losses.append(stats.loss)
@@ -455,8 +357,8 @@ class Trainer:
             "lr": lr, "grad_norm": stats.grad_norm if math.isfinite(stats.grad_norm) else None,
             **meter.record(self.info.world_size, self.peak_flops),
             "peak_memory_gib": peak_memory_gib(self.info.device), "mean_t": stats.mean_t,
-            "num_tokens": stats.num_tokens, "num_answer_tokens": stats.num_answer_tokens,
-            "num_masked": stats.num_masked, "skipped_steps": self.state.skipped_steps,
+            "num_tokens": stats.num_tokens, "num_samples": stats.num_samples,
+            "num_answer_tokens": stats.num_answer_tokens, "num_masked": stats.num_masked, "skipped_steps": self.state.skipped_steps,
             "skipped_samples": skipped_samples, "elapsed_s": time.perf_counter() - self.stop.start_time,
         })  # fmt: skip
 

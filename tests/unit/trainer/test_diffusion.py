@@ -103,6 +103,44 @@ def test_masking_only_answer_tokens_with_per_sequence_t() -> None:
     assert float(out.p_mask[0, :3].sum()) == 0.0  # prompt tokens have p_mask 0
 
 
+def test_pad_targets_of_a_sample_weigh_at_most_pad_weight_together() -> None:
+    # Pads are ids 9 and 10 (an eos and a rainbow pad) inside the answer mask; 0 is row padding.
+    input_ids, answer, seq_ids = _packed_example()
+    pads = (9, 10)
+    weights = diffusion.answer_weights(input_ids, answer, seq_ids, pad_ids=pads, pad_weight=1.0)
+    # Row 0, sub-sequence 1: answer 8 + one pad (9): the pad weighs min(1, 1/1) = 1.
+    assert weights[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0]
+    # Row 1: answer 5, 6, 8, then pads 9, 10 and a 4 (not a pad id): the two pads share a weight of 1.
+    assert weights[1].tolist() == [0, 0, 0, 0, 1, 1, 1, 0.5, 0.5, 1, 0, 0]
+    half = diffusion.answer_weights(input_ids, answer, seq_ids, pad_ids=pads, pad_weight=0.5)
+    assert half[0, 9].item() == 0.5 and half[1, 7:9].tolist() == [0.25, 0.25]
+    # 0 = no cap (every answer token weighs 1), also without pad ids.
+    uncapped = answer.float()
+    assert torch.equal(
+        diffusion.answer_weights(input_ids, answer, seq_ids, pad_ids=pads, pad_weight=0.0), uncapped
+    )
+    assert torch.equal(
+        diffusion.answer_weights(input_ids, answer, seq_ids, pad_ids=(), pad_weight=1.0), uncapped
+    )
+    # Masking scales each masked token's loss weight by its answer weight (same draws: same mask).
+    t_BS = torch.tensor([[0.4, 0.7], [0.9, 1.0]])
+    plain, weighted = [
+        diffusion.apply_masking(
+            input_ids,
+            answer,
+            seq_ids,
+            t_BS,
+            mask_token_id=MASK_ID,
+            generator=torch.Generator().manual_seed(3),
+            answer_weight_BL=w,
+        )
+        for w in (None, weights)
+    ]
+    assert torch.equal(plain.masked, weighted.masked)
+    assert torch.allclose(weighted.loss_weight, plain.loss_weight * weights)
+    assert bool(weighted.masked[1, 7:9].any())  # the check above saw a pad's halved weight
+
+
 def _reference_loss(
     hidden: torch.Tensor,
     head: nn.Module,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,11 @@ from torch import nn
 from trainer.config import LoraConfig, ModelConfig, TrainConfig
 from trainer.data.batch import LoadedSample, PackedBatch, collate_rows
 from trainer.distributed import DistInfo
-from trainer.flops import flops_model
 from trainer.model import MDLMModel, build_mdlm_model
 from trainer.positions import mrope_position_ids
-from trainer.run_state import RunState
+from trainer.step import TrainStep
 from trainer.step_stats import StepSums
-from trainer.train import Trainer, build_training_model
+from trainer.train import build_training_model
 
 # What reads a tensor's value on the host: on a GPU each one waits for the device to catch up.
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
@@ -76,16 +76,15 @@ def _micro_batches(model: MDLMModel) -> list[PackedBatch]:
     return [collate_rows([[a, b], [c]], pad), collate_rows([[c, a]], pad), collate_rows([[]], pad)]
 
 
-def _trainer(model: MDLMModel, *, zero3: bool, fused_ce: Any = None, chunk: int = 1024) -> Trainer:
-    """A Trainer holding only what `train_step` reads (no engine, loader or process group built)."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.config = TrainConfig()
-    trainer.config.diffusion.ce_chunk_size = chunk
-    trainer.info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer.model, trainer.engine = model, StandInEngine(model.engine_module)
-    trainer.zero3, trainer.fused_ce, trainer.train_vision = zero3, fused_ce, False
-    trainer.state, trainer.flops_model = RunState(step=3), flops_model(model, lora=True)
-    return trainer
+def _step(model: MDLMModel, *, zero3: bool, fused_ce: Any = None, chunk: int = 1024) -> TrainStep:
+    """The trainer's step over a stand-in engine (no DeepSpeed engine, loader or process group)."""
+    config = TrainConfig()
+    config.diffusion.ce_chunk_size = chunk
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return replace(
+        TrainStep.for_model(config, info, model, StandInEngine(model.engine_module), zero3=zero3),
+        fused_ce=fused_ce,
+    )
 
 
 def fused_reference(
@@ -131,7 +130,7 @@ def test_micro_batch_loop_reads_nothing_from_the_device(
     # The loop starts with the first batch's copy to the device and ends at the step's reduction.
     monkeypatch.setattr(PackedBatch, "to", switch(True, PackedBatch.to))
     monkeypatch.setattr(StepSums, "reduced", switch(False, StepSums.reduced))
-    stats = _trainer(model, **head).train_step(_micro_batches(model))
+    stats = _step(model, **head)(_micro_batches(model), step=3)
     monkeypatch.undo()
 
     assert stats.num_masked > 0 and torch.isfinite(torch.tensor(stats.loss))
@@ -144,10 +143,10 @@ def test_zero3_calls_the_head_once_per_micro_batch(model: MDLMModel) -> None:
     calls: list[int] = []
     hook = model.engine_module.lm_head.register_forward_hook(lambda _m, args, _o: calls.append(len(args[0])))
     try:
-        chunked = _trainer(model, zero3=False, chunk=2).train_step(_micro_batches(model))
+        chunked = _step(model, zero3=False, chunk=2)(_micro_batches(model), step=3)
         num_chunked = len(calls)
         calls.clear()
-        zero3 = _trainer(model, zero3=True).train_step(_micro_batches(model))
+        zero3 = _step(model, zero3=True)(_micro_batches(model), step=3)
     finally:
         hook.remove()
     assert len(calls) == 3 and calls[-1] == 1  # the dummy micro-batch: one placeholder row
@@ -160,8 +159,8 @@ def test_trainer_passes_the_fused_loss_to_the_real_head(model: MDLMModel) -> Non
     """The fused path on the model's own head (PEFT trainable tokens over the tied linear) gives the
     chunked loss (the stand-in computes liger's math; tests/unit/trainer/test_diffusion.py has the
     dispatch and the gradients)."""
-    chunked = _trainer(model, zero3=False).train_step(_micro_batches(model))
-    fused = _trainer(model, zero3=False, fused_ce=fused_reference).train_step(_micro_batches(model))
+    chunked = _step(model, zero3=False)(_micro_batches(model), step=3)
+    fused = _step(model, zero3=False, fused_ce=fused_reference)(_micro_batches(model), step=3)
     assert fused.loss == pytest.approx(chunked.loss, rel=1e-6)
 
 
