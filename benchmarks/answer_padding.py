@@ -44,6 +44,7 @@ MODES: dict[str, tuple[list[str], dict[str, str]]] = {
     "none": (["--pad-answer-to", "0"], {}),
     "fixed4": (["--answer-padding", "fixed", "--pad-answer-to", "4"], {}),
     "random64": (["--answer-padding", "random", "--pad-answer-to", "64"], {}),
+    "random64-pw1": (["--answer-padding", "random", "--pad-answer-to", "64"], {"diffusion.pad_weight": "1"}),
 }
 CANVASES = (8, 16, 32, 64)
 MAX_STEPS_PER_CANVAS = 16
@@ -136,6 +137,9 @@ def one_run(task: str, mode: str, steps: int, model: Path, sources: Path, out: P
     from trainer.run_log import read_jsonl
 
     folder = out / task / mode
+    done = folder / "done.json"
+    if done.exists() and json.loads(done.read_text())["steps"] == steps:
+        return json.loads(done.read_text())  # an earlier call of the same run finished it
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -145,19 +149,21 @@ def one_run(task: str, mode: str, steps: int, model: Path, sources: Path, out: P
     started = time.perf_counter()
     run(train_command(config, model, shards, folder / "train"), log)
     train_s = time.perf_counter() - started
-    records = [r for r in read_jsonl(folder / "train" / "metrics.jsonl") if "num_samples" in r]
+    records = [r for r in read_jsonl(folder / "train" / "metrics.jsonl") if "loss" in r]
     reports = {c: evaluate(model, folder / "train", shards, c, folder, log) for c in CANVASES}
-    return {
+    row = {
         "task": task,
         "mode": mode,
         "steps": steps,
         "accuracy": {str(c): reports[c]["accuracy"] for c in CANVASES},
-        "nelbo": reports[CANVASES[0]].get("nelbo"),
+        "nelbo": reports[CANVASES[0]]["nelbo"]["nelbo"],
         "samples_per_step": sum(r["num_samples"] for r in records) / max(len(records), 1),
         "answer_tokens_per_sample": sum(r["num_answer_tokens"] for r in records)
         / max(sum(r["num_samples"] for r in records), 1),
         "train_s": train_s,
     }
+    done.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -170,7 +176,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + " --- |" * (len(CANVASES) + 6)]
     for r in rows:
         accs = " | ".join(f"{r['accuracy'][str(c)]:.3f}" for c in CANVASES)
-        nelbo = f"{r['nelbo']:.3f}" if r["nelbo"] is not None else "-"
+        nelbo = f"{r['nelbo']:.3f}"
         lines.append(
             f"| {r['task']} | {r['mode']} | {accs} | {nelbo} | {r['samples_per_step']:.1f} | "
             f"{r['answer_tokens_per_sample']:.1f} | {r['train_s']:.0f} |"
