@@ -15,7 +15,9 @@ Tasks:
   as a stranger's dataset (a JSONL of OpenAI `messages` + PNG files) and built by `python -m data_tools build`.
 - `demo`: the demo's synthetic colour/shape questions (`python -m data_tools synth`, 6,000 / 192).
 
-Modes (`MODES`): the build's `--answer-padding` / `--pad-answer-to` and the training overrides.
+Modes (`MODES`): the build's `--answer-padding` / `--pad-answer-to` and the training overrides: `none`, `fixed4`
+and `random64` weigh every pad target like an answer token (`diffusion.pad_weight 0`, the weighting before
+2026-12-07), `random64-pw1` caps a sample's pads at one answer token together (`diffusion.pad_weight 1`).
 
 Prints one table row per (task, mode): accuracy at every canvas, the held-out NELBO per answer token at
 canvas 8, samples per optimizer step (from metrics.jsonl) and the training time; `--json` keeps them all.
@@ -41,9 +43,9 @@ from trainer.demo import TINY_SHAPE, DemoConfig, train_command  # noqa: E402
 
 MODES: dict[str, tuple[list[str], dict[str, str]]] = {
     # name: (data_tools build padding options, training overrides)
-    "none": (["--pad-answer-to", "0"], {}),
-    "fixed4": (["--answer-padding", "fixed", "--pad-answer-to", "4"], {}),
-    "random64": (["--answer-padding", "random", "--pad-answer-to", "64"], {}),
+    "none": (["--pad-answer-to", "0"], {"diffusion.pad_weight": "0"}),
+    "fixed4": (["--answer-padding", "fixed", "--pad-answer-to", "4"], {"diffusion.pad_weight": "0"}),
+    "random64": (["--answer-padding", "random", "--pad-answer-to", "64"], {"diffusion.pad_weight": "0"}),
     "random64-pw1": (["--answer-padding", "random", "--pad-answer-to", "64"], {"diffusion.pad_weight": "1"}),
 }
 CANVASES = (8, 16, 32, 64)

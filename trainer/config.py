@@ -94,11 +94,11 @@ class DiffusionConfig:
     normalizer: str = "answer_tokens"
     """Loss normaliser: answer_tokens, the global count across micro-batches and ranks (the only one:
     the gradient then does not depend on packing or sharding; docs/DESIGN.md §3)."""
-    pad_weight: float = 0.0
+    pad_weight: float = 1.0
     """What the pad targets after one answer (data_tools build --answer-padding) weigh together in the
     loss and in its normaliser, in answer tokens: each of a sample's P pads weighs min(1, pad_weight /
     P), so a short answer keeps its share of the gradient however long its pad tail (docs/DESIGN.md
-    §10). 0 = no cap: every pad weighs one answer token."""
+    §10). 0 = no cap: every pad weighs one answer token (the weighting before 2026-12-07)."""
     mask_prompt_loss: bool = True
     """Only answer tokens are masked and scored; prompt/image/template tokens never are (MDLM SFT)."""
     ce_chunk_size: int = 1024

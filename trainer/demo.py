@@ -80,7 +80,7 @@ class DemoConfig:
     """Synthetic tasks (data_tools synth --tasks); all have chance <= 1/4."""
     train_seconds: float = 0.0
     """Wall-clock training budget (the loop checkpoints and stops at this limit; 0 = none)."""
-    max_steps: int = 1200
+    max_steps: int = 600
     """Optimizer steps: the budget is in steps, so every machine trains as far (and reports the same
     figures), and the recipe's cosine schedule ends at the last step."""
     nproc: int = 2

@@ -180,6 +180,9 @@ def test_type_errors_are_one_line() -> None:
         load_config(None, [*_base_args(), "--schedule.micro_batch_size", "four"])
     with pytest.raises(ConfigError, match=r"lr_scheduler = 'cosin' is not one of"):
         load_config(None, [*_base_args(), "--lr_scheduler_type", "cosin"])
+    with pytest.raises(ConfigError, match=r"diffusion.pad_weight must be >= 0 \(0 = no cap\), got -1.0"):
+        load_config(None, [*_base_args(), "--diffusion.pad_weight", "-1"])
+    assert load_config(None, [*_base_args(), "--diffusion.pad_weight", "2"]).diffusion.pad_weight == 2.0
 
 
 def test_missing_required_inputs() -> None:
