@@ -49,6 +49,7 @@ MODES: dict[str, tuple[list[str], dict[str, str]]] = {
     "random64-pw1": (["--answer-padding", "random", "--pad-answer-to", "64"], {"diffusion.pad_weight": "1"}),
 }
 CANVASES = (8, 16, 32, 64)
+"""Generation canvases evaluated (`--canvases` picks some)."""
 MAX_STEPS_PER_CANVAS = 16
 DIGITS_QUESTION = "Which digit is written here? Answer with the digit."
 DIGITS_TRAIN = 1500
@@ -134,7 +135,9 @@ def evaluate(
     return json.loads(report.read_text(encoding="utf-8"))
 
 
-def one_run(task: str, mode: str, steps: int, model: Path, sources: Path, out: Path) -> dict[str, Any]:
+def one_run(
+    task: str, mode: str, steps: int, model: Path, sources: Path, out: Path, canvases: tuple[int, ...]
+) -> dict[str, Any]:
     """Build, train `steps` steps, evaluate at every canvas; the row of the table."""
     from trainer.run_log import read_jsonl
 
@@ -152,13 +155,13 @@ def one_run(task: str, mode: str, steps: int, model: Path, sources: Path, out: P
     run(train_command(config, model, shards, folder / "train"), log)
     train_s = time.perf_counter() - started
     records = [r for r in read_jsonl(folder / "train" / "metrics.jsonl") if "loss" in r]
-    reports = {c: evaluate(model, folder / "train", shards, c, folder, log) for c in CANVASES}
+    reports = {c: evaluate(model, folder / "train", shards, c, folder, log) for c in canvases}
     row = {
         "task": task,
         "mode": mode,
         "steps": steps,
-        "accuracy": {str(c): reports[c]["accuracy"] for c in CANVASES},
-        "nelbo": reports[CANVASES[0]]["nelbo"]["nelbo"],
+        "accuracy": {str(c): reports[c]["accuracy"] for c in canvases},
+        "nelbo": reports[canvases[0]]["nelbo"]["nelbo"],
         "samples_per_step": sum(r["num_samples"] for r in records) / max(len(records), 1),
         "answer_tokens_per_sample": sum(r["num_answer_tokens"] for r in records)
         / max(sum(r["num_samples"] for r in records), 1),
@@ -177,7 +180,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "|" + " --- |" * (len(CANVASES) + 6)]
     for r in rows:
-        accs = " | ".join(f"{r['accuracy'][str(c)]:.3f}" for c in CANVASES)
+        accs = " | ".join(
+            f"{r['accuracy'][str(c)]:.3f}" if str(c) in r["accuracy"] else "-" for c in CANVASES
+        )
         nelbo = f"{r['nelbo']:.3f}"
         lines.append(
             f"| {r['task']} | {r['mode']} | {accs} | {nelbo} | {r['samples_per_step']:.1f} | "
@@ -195,6 +200,7 @@ def main() -> None:
     parser.add_argument(
         "--out", default="runs/answer_padding", help="work folder (each run's folder is recreated)"
     )
+    parser.add_argument("--canvases", type=int, nargs="+", choices=CANVASES, default=list(CANVASES))
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
@@ -213,7 +219,7 @@ def main() -> None:
     rows = []
     for task in args.tasks:
         for mode in args.modes:
-            rows.append(one_run(task, mode, args.steps, model, sources, out))
+            rows.append(one_run(task, mode, args.steps, model, sources, out, tuple(sorted(args.canvases))))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
