@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.attention_names import ALIASES, BACKENDS
+from trainer.config.attention_names import ALIASES, BACKENDS
 
 KWARG: str = "packed_attention"
 """Keyword under which the block structure reaches the attention functions."""

@@ -1,5 +1,5 @@
 """``python -m trainer train --help``: every config key with its Hugging Face aliases, type, default and
-documentation, generated from the dataclass tree of ``trainer/config.py`` (the string literal under each
+documentation, generated from the dataclass tree of ``trainer/config/schema.py`` (the string literal under each
 field is its documentation). Torch-free, like the config."""
 
 from __future__ import annotations

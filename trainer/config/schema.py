@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from data_tools.fileio import atomic_write_text
-from trainer.attention_names import CONFIG_CHOICES
+from trainer.config.attention_names import CONFIG_CHOICES
 
 DEFAULT_T_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 """Midpoints of 5 equal bins of (0, 1): the NELBO quadrature (``eval.t_grid``, ``evaluate --t-grid``)."""
