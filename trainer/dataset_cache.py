@@ -29,7 +29,7 @@ from data_tools.fileio import atomic_write_text
 from data_tools.index import INDEX_VERSION
 from data_tools.settings import BuildSettings, source_files, with_model_pixels
 from trainer.config import ConfigError, TrainConfig
-from trainer.distributed import env_rank
+from trainer.config.launch_env import env_rank
 
 READY = "READY"
 HELD_OUT_SPLITS = ("test", "validation")

@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.config.launch_env import env_rank, env_world_size  # noqa: F401  (distributed.env_rank() as before)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,16 +36,6 @@ class DistInfo:
     def is_main(self) -> bool:
         """True on global rank 0 (the only rank that writes shared files and logs)."""
         return self.rank == 0
-
-
-def env_rank() -> int:
-    """Global rank announced by the launcher, 0 for a plain process."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def env_world_size() -> int:
-    """World size announced by the launcher (deepspeed / torchrun / Slurm), 1 for a plain process."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def free_port() -> int:
