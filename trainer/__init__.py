@@ -3,7 +3,7 @@
 Importing this package imports neither deepspeed nor torch.distributed; only the training loop,
 checkpointing and the distributed helpers do. ``load_mdlm_model``, ``LoadedModel`` and ``TrainOutput``
 come from :mod:`trainer.api` when first used; its ``train`` is imported from there
-(``from trainer.api import train``), because ``trainer.train`` names the training-loop module.
+(``from trainer.api import train``), because ``trainer.run.loop`` names the training-loop module.
 """
 
 from __future__ import annotations

@@ -6,12 +6,18 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny": ("trainer.assets", "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer"),
-    "plan": ("trainer.dry_run", "Print the epoch plan (packs per rank and step) of a config or shard sets"),
-    "train": ("trainer.train_cli", "Train with DeepSpeed (python, deepspeed or torchrun launchers)"),
-    "export": ("trainer.export", "Export a checkpoint as a PEFT adapter folder, optionally merged"),
-    "generate": ("trainer.sampling", "Generate answers with MDLM sampling"),
-    "evaluate": ("trainer.evaluate", "Evaluate on held-out shards: NELBO and generation metrics"),
+    "make-tiny": (
+        "trainer.model.tokenizer",
+        "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer",
+    ),
+    "plan": (
+        "trainer.run.dry_run",
+        "Print the epoch plan (packs per rank and step) of a config or shard sets",
+    ),
+    "train": ("trainer.cli.train", "Train with DeepSpeed (python, deepspeed or torchrun launchers)"),
+    "export": ("trainer.inference.export", "Export a checkpoint as a PEFT adapter folder, optionally merged"),
+    "generate": ("trainer.inference.generate", "Generate answers with MDLM sampling"),
+    "evaluate": ("trainer.inference.evaluate", "Evaluate on held-out shards: NELBO and generation metrics"),
     "demo": ("trainer.demo", "Synthetic demo: build shards, train, evaluate, report"),
 }
 

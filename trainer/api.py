@@ -40,7 +40,7 @@ from trainer.config import (
     validate,
 )
 from trainer.model import MDLMModel, build_mdlm_model
-from trainer.run_log import read_jsonl
+from trainer.run.metrics_log import read_jsonl
 
 CONVERSATIONS_DIR = "conversations"
 """Folder of ``output_dir`` where :func:`train` writes the rows passed as ``conversations``."""
@@ -130,8 +130,8 @@ def train(
     ``--dataset_args`` file (a second call with the same rows reuses them). A row the build cannot
     use is an error naming it. Raises ``ConfigError`` / ``ResumeError`` (``ValueError``s) on user errors.
     """
-    from trainer.preflight import prepare
-    from trainer.train import run_prepared  # the loop (deepspeed) only when training
+    from trainer.run.loop import run_prepared  # the loop (deepspeed) only when training
+    from trainer.run.preflight import prepare
 
     if "model" in overrides:
         raise ConfigError(
@@ -182,7 +182,7 @@ def write_conversations(conversations: Iterable[Mapping[str, Any]], folder: Path
     Files are named by their content and written once: the same rows give the same file, unchanged
     (size and modification time are the shard cache's key), so a second call or a resume finds the
     same shards. Global rank 0 writes; the other ranks wait for the file (written last)."""
-    from trainer.distributed import env_rank
+    from trainer.run.distributed import env_rank
 
     writer = env_rank() == 0
     if isinstance(conversations, str | bytes | Mapping) or not isinstance(conversations, Iterable):

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig, load_config
-from trainer.distributed import free_port
-from trainer.run_log import read_jsonl
-from trainer.sampling import GenerationConfig
+from trainer.inference.generate import GenerationConfig
+from trainer.run.distributed import free_port
+from trainer.run.metrics_log import read_jsonl
 
 # Tiny model shape that learns the demo in minutes (benchmarks/RESULTS.md, the demo figures).
 TINY_SHAPE: dict[str, float] = {
@@ -50,7 +50,7 @@ TINY_SHAPE: dict[str, float] = {
     "vision_depth": 2,
     "vision_heads": 2,
     # Row length of the frozen random embedding tied to the head: long enough for logits to single
-    # out an answer among 151,936 tokens (see trainer.assets.tiny_config).
+    # out an answer among 151,936 tokens (see trainer.model.tokenizer.tiny_config).
     "initializer_range": 0.1,
 }
 
@@ -133,7 +133,7 @@ def train_command(config: DemoConfig, model_dir: Path, shards: Path, train_dir: 
 def _export(checkpoint: str, out: Path, lora: bool) -> Path:
     """The trained weights as a standard folder: a PEFT adapter (LoRA) or a full model folder (the
     whole language model was trained, so there is no adapter to keep apart)."""
-    from trainer.export import export
+    from trainer.inference.export import export
 
     return export(checkpoint, out / ("adapter" if lora else "trained-model"), merge=not lora)
 
@@ -260,7 +260,7 @@ def _prepare_environment() -> None:
 def _build_inputs(config: DemoConfig, out: Path) -> tuple[Path, Path]:
     """Steps 1-2: the tiny model folder and the synthetic shards."""
     from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS, synthesize
-    from trainer.assets import make_tiny
+    from trainer.model.tokenizer import make_tiny
 
     _log("1/5 tiny model")
     # The model's image processor resizes to the synthetic images' range, so `generate` on the
@@ -303,7 +303,7 @@ def _run_with_progress(command: list[str], log_path: Path, progress: ProgressTai
 
 def _train(config: DemoConfig, model_dir: Path, shards: Path, out: Path) -> Path:
     """Step 4: the ranks train; returns the committed checkpoint."""
-    from trainer.checkpoint import checkpoint_root, latest_valid
+    from trainer.run.checkpoint import checkpoint_root, latest_valid
 
     budget = f"{config.train_seconds:.0f} s" if config.train_seconds else f"{config.max_steps} steps"
     log_path = out / "train.log"
@@ -326,9 +326,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the whole demo; returns the report written to `OUT/report.json`."""
     import torch
 
-    from trainer.assets import load_processor
-    from trainer.evaluate import evaluate_shards, format_table
-    from trainer.sampling import load_model
+    from trainer.inference.evaluate import evaluate_shards, format_table
+    from trainer.inference.generate import load_model
+    from trainer.model.tokenizer import load_processor
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     _prepare_environment()

@@ -18,9 +18,10 @@ import pytest
 import torch
 from loader_shards import write_shard_set
 
-from trainer import attention, distributed
 from trainer.config import build_deepspeed_config, load_config
-from trainer.distributed import DistInfo
+from trainer.model import attention
+from trainer.run import distributed
+from trainer.run.distributed import DistInfo
 
 pytestmark = [
     pytest.mark.gpu,
@@ -103,7 +104,7 @@ def _draw_lora_b(build: Callable[..., Any]) -> Callable[..., Any]:
 def _train_two_steps(backend: str, model_dir: Path, shards: Path, output_dir: Path, info: DistInfo) -> Run:
     from deepspeed.utils import safe_get_full_grad
 
-    from trainer import train
+    from trainer.run import loop as train
 
     config = load_config(None, {
         "model.name_or_path": str(model_dir), "model.attn_implementation": backend, "lora.dropout": 0.0,

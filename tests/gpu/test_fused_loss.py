@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import diffusion
+from trainer.model import diffusion
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 
-from trainer.checkpoint import POINTER_FILE, checkpoint_root, read_state
-from trainer.distributed import free_port
+from trainer.run.checkpoint import POINTER_FILE, checkpoint_root, read_state
+from trainer.run.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 from trainer.api import CONVERSATIONS_DIR, load_mdlm_model, train
-from trainer.checkpoint import read_state
 from trainer.config import ConfigError
+from trainer.run.checkpoint import read_state
 
 
 def trainable_names(model: Any) -> list[str]:
@@ -125,7 +125,7 @@ def test_a_second_run_in_this_process_gets_fresh_process_groups() -> None:
     """teardown drops DeepSpeed's cached groups with the process group: a notebook may call train again."""
     from deepspeed.utils import groups
 
-    from trainer import distributed
+    from trainer.run import distributed
 
     with mock.patch.dict(os.environ):
         for _ in range(2):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.assets import load_processor
-from trainer.checkpoint import checkpoint_root
-from trainer.run_settings import read_settings
+from trainer.model.tokenizer import load_processor
+from trainer.run.checkpoint import checkpoint_root
+from trainer.run.run_settings import read_settings
 
 RunCmd = Callable[..., subprocess.CompletedProcess[str]]
 HUB_ID = "tiny-org/tiny-qwen3vl"
@@ -31,8 +31,8 @@ def _hub_cache(root: Path, model_dir: Path, repo_id: str) -> Path:
 
 def _our_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of the trained model as the engine computes them (packed bidirectional path)."""
-    from trainer.export import load_trained_model
-    from trainer.positions import mrope_position_ids
+    from trainer.inference.export import load_trained_model
+    from trainer.model.positions import mrope_position_ids
 
     model, _ = load_trained_model(ckpt)
     cfg = model.config

@@ -91,8 +91,8 @@ def test_greedy_generation_of_a_fixed_model_reproduces_golden_tokens(tiny_model_
     token a step, the whole canvas filled): the sampler's order, masks and positions, as numbers."""
     from PIL import Image
 
-    from trainer.sampling import GenerationConfig, build_prompt, generate, load_model
-    from trainer.tokens import SpecialTokens
+    from trainer.inference.generate import GenerationConfig, build_prompt, generate, load_model
+    from trainer.model.tokens import SpecialTokens
 
     model = load_model(str(tiny_model_dir), device="cpu")
     prompts = [

@@ -40,8 +40,8 @@ def run_ranks(
     resume: dict[str, Any] | None, max_steps: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Run every rank's loader for up to `max_steps` steps (2 epochs at most); keys and digests per step."""
-    from trainer.assets import load_processor
     from trainer.data import TrainLoader
+    from trainer.model.tokenizer import load_processor
 
     processor = load_processor(model)
     steps: dict[str, dict[int, list[str]]] = {}

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from launch_helpers import child_env, common_args, free_port, processes_naming, stopped_after, torchrun_cmd
 
-from trainer.checkpoint import (
+from trainer.run.checkpoint import (
     STATE_FILE,
     UNIVERSAL_DIR,
     WEIGHTS_FILE,

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from launch_helpers import REPO, child_env, common_args, stopped_after
 
 from data_tools.index import read_index, read_table
-from trainer.checkpoint import RunLock, RunLockError, checkpoint_root, commit, latest_valid, read_state
+from trainer.cli.train import main
 from trainer.config import load_config, to_dict
-from trainer.train_cli import main
+from trainer.run.checkpoint import RunLock, RunLockError, checkpoint_root, commit, latest_valid, read_state
 
 
 def fake_checkpoint(output_dir: Path, step: int, config: dict[str, object] | None = None) -> Path:
@@ -127,7 +127,7 @@ def test_export_and_generate_take_the_committed_latest_checkpoint(tmp_path: Path
 def test_a_checkpoint_whose_trained_weights_changed_is_skipped_for_the_previous(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from trainer.checkpoint import WEIGHTS_FILE, find_resume
+    from trainer.run.checkpoint import WEIGHTS_FILE, find_resume
 
     out = tmp_path / "run"
     for step in (4, 8):
@@ -214,7 +214,7 @@ def skip_counts(out: Path) -> dict[int, dict[str, int]]:
 def test_a_resumed_run_continues_its_skipped_samples_and_skip_budget(
     tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path
 ) -> None:
-    """The skip counts belong to the run, not to the launch (trainer.run_state): resumed at step 3,
+    """The skip counts belong to the run, not to the launch (trainer.run.run_state): resumed at step 3,
     the ``skipped_samples`` metric and the skip budget's counters go on from the checkpoint's and end
     where the uninterrupted run's end."""
     shards = copied_shards(mixed_shards, tmp_path)

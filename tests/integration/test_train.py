@@ -11,8 +11,8 @@ import pytest
 import torch.distributed as dist
 from launch_helpers import common_args, free_port, losses_by_step
 
-from trainer.checkpoint import checkpoint_root, read_state
-from trainer.train_cli import main
+from trainer.cli.train import main
+from trainer.run.checkpoint import checkpoint_root, read_state
 
 RunCmd = Callable[..., subprocess.CompletedProcess[str]]
 REPO = Path(__file__).resolve().parents[2]
@@ -145,7 +145,7 @@ def test_resume_that_changes_batch_or_zero_stage_is_one_line_before_any_process_
     tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     saved: dict[str, int], expected: str,
 ) -> None:  # fmt: skip
-    from trainer.checkpoint import commit
+    from trainer.run.checkpoint import commit
 
     ckpt_dir = checkpoint_root(tmp_path / "run") / "step-00000004"
     ckpt_dir.mkdir(parents=True)

@@ -1,5 +1,5 @@
 """The one registry of attention backend names, read by config validation, model loading and
-:mod:`trainer.attention` (torch-free, so the config imports it without importing torch)."""
+:mod:`trainer.model.attention` (torch-free, so the config imports it without importing torch)."""
 
 from __future__ import annotations
 

@@ -197,7 +197,7 @@ _DATASET_LIMITS = re.compile(r"^(?P<path>.*?)(\[(?P<limits>[^\]]*)\])?$")
 def _expand_dataset_args(value: str, source: str) -> dict[str, Any]:
     """``--dataset_args SOURCE[train:N,test:M]``: a shard set, a folder holding ``train/`` and ``test/``
     shard sets, or a raw dataset (hub name, ``save_to_disk`` folder, parquet/arrow, JSON/JSONL) that the
-    run builds into shards once (``data.source``, trainer.dataset_cache); N and M take the first rows."""
+    run builds into shards once (``data.source``, trainer.data.dataset_cache); N and M take the first rows."""
     match = _DATASET_LIMITS.match(str(value).strip())
     assert match is not None
     path = match.group("path").strip()

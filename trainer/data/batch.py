@@ -17,9 +17,9 @@ import torch
 from data_tools.images import DisallowedImageFormat
 from data_tools.shards import read_sample
 from trainer.data.plan import SampleRef
-from trainer.pixels import image_patches
-from trainer.positions import mrope_position_ids
-from trainer.tokens import ENDOFTEXT, IMAGE_PAD, VISION_START, token_id
+from trainer.model.pixels import image_patches
+from trainer.model.positions import mrope_position_ids
+from trainer.model.tokens import ENDOFTEXT, IMAGE_PAD, VISION_START, token_id
 
 __all__ = ["LoadedSample", "PackedBatch", "SampleReader", "collate_rows"]
 
@@ -42,7 +42,7 @@ class LoadedSample:
     position_ids: torch.Tensor
     """[3, n] long M-RoPE ids of the sample alone."""
     pixel_values: torch.Tensor | None
-    """[P, C*16*16] uint8 patches (`trainer.pixels.image_patches`), or the image processor's float
+    """[P, C*16*16] uint8 patches (`trainer.model.pixels.image_patches`), or the image processor's float
     [P, C*T*16*16] pixel values; None without images."""
     image_grid_thw: torch.Tensor | None
     """[I, 3] long, or None without images."""
@@ -72,7 +72,7 @@ class PackedBatch:
     """Longest segment in `cu_seqlens`."""
     pixel_values: torch.Tensor | None
     """[P, C*16*16] uint8 patches, images in row-major order of appearance (the model normalises them
-    on the device: `trainer.pixels`); float [P, C*T*16*16] where the samples held processor output;
+    on the device: `trainer.model.pixels`); float [P, C*T*16*16] where the samples held processor output;
     None without images."""
     image_grid_thw: torch.Tensor | None
     """[I, 3] long; None without images."""
@@ -114,7 +114,7 @@ class SampleReader:
     """
 
     def __init__(self, processor: Any, log_every_s: float = 30.0) -> None:
-        """`processor`: a Qwen3-VL processor (`trainer.assets.load_processor`): tokenizer + image processor."""
+        """`processor`: a Qwen3-VL processor (`trainer.model.tokenizer.load_processor`): tokenizer + image processor."""
         tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = token_id(tokenizer, IMAGE_PAD)

@@ -7,7 +7,7 @@ whatever `num_workers` is. Workers only read and collate; all decisions come fro
 Workers ignore SIGTERM and SIGINT. A scheduler signals the whole job (scancel, Kubernetes, a
 launcher's `killpg`, Ctrl-C's process group): a worker that died of it would end the rank with
 "DataLoader worker ... is killed by signal" before the rank could commit its checkpoint. The rank
-decides when to stop (trainer.stopping) and ends its workers by closing the loader; torch's watchdog
+decides when to stop (trainer.run.stopping) and ends its workers by closing the loader; torch's watchdog
 ends them if the rank dies.
 """
 
@@ -253,7 +253,7 @@ class TrainLoader:
         resume: Mapping[str, Any] | None = None,
         max_epochs: int | None = None,
     ) -> None:
-        """See the class docstring; `processor` is a Qwen3-VL processor (`trainer.assets.load_processor`),
+        """See the class docstring; `processor` is a Qwen3-VL processor (`trainer.model.tokenizer.load_processor`),
         `weights` one mixing weight per shard set (default 1 each), `limit` keeps the first N samples of
         each set, `window` is the best-fit window and `packing=False` puts one sample per row."""
         for name, value in (

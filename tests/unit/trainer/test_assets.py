@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
-from trainer.assets import build_tiny_model, load_processor, make_tiny
+from trainer.model.tokenizer import build_tiny_model, load_processor, make_tiny
 
 SPECIAL_IDS = {
     "<|endoftext|>": 151643,
@@ -63,7 +63,7 @@ def test_matches_tiktoken_reference(tokenizer) -> None:
     """The converted BPE gives exactly tiktoken's ids on the same ranks and pattern."""
     import tiktoken
 
-    from trainer.assets import QWEN_PRETOKENIZE_REGEX, _read_bpe_ranks, qwen_tiktoken_path
+    from trainer.model.tokenizer import QWEN_PRETOKENIZE_REGEX, _read_bpe_ranks, qwen_tiktoken_path
 
     reference = tiktoken.Encoding(
         "qwen",

@@ -17,10 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import attention
 from trainer.config import ModelConfig
 from trainer.data.batch import LoadedSample, collate_rows
-from trainer.model import MDLMModel, build_mdlm_model, set_text_causal
+from trainer.model import MDLMModel, attention, build_mdlm_model, set_text_causal
 
 BACKENDS = attention.available_backends("cpu")  # sdpa, eager, flex here; flash only on CUDA
 

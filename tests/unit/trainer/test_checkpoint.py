@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import (
+from trainer.run.checkpoint import (
     POINTER_FILE,
     STATE_FILE,
     ResumeError,

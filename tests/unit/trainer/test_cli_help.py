@@ -13,11 +13,11 @@ import yaml
 from data_tools import shards
 from data_tools.index import make_index, write_index
 from trainer.__main__ import main as trainer_main
-from trainer.cli_help import MULTI_KEY_ALIASES, field_docs, format_default, train_help
+from trainer.cli.train_help import MULTI_KEY_ALIASES, field_docs, format_default, train_help
 from trainer.config import ALIASES, LoraConfig, TrainConfig, _all_keys, load_config
 from trainer.data import Planner, load_catalog
 from trainer.data.plan import plan_summary
-from trainer.dry_run import plan_spec
+from trainer.run.dry_run import plan_spec
 
 
 def _default(key: str) -> Any:

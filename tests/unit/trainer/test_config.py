@@ -309,7 +309,7 @@ def test_only_the_global_answer_token_normaliser_is_accepted() -> None:
 
 
 def test_drop_remainder_reaches_the_plan(tmp_path: Path) -> None:
-    from trainer.dry_run import plan_spec
+    from trainer.run.dry_run import plan_spec
 
     overrides = {
         "data.drop_remainder": True,

@@ -11,8 +11,8 @@ import pytest
 
 from data_tools import shards
 from data_tools.index import read_index, read_table
-from trainer import dataset_cache
 from trainer.config import ConfigError, load_config
+from trainer.data import dataset_cache
 
 
 def _config(tmp_path: Path, model: Path, spec: str) -> object:

@@ -109,9 +109,11 @@ def test_loss_plot_marks_chance_and_both_controls(tmp_path: Path) -> None:
 def test_export_folder_is_named_by_what_it_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lora: bool, folder: str, merge: bool
 ) -> None:
-    import trainer.export
+    import trainer.inference.export
 
     calls = []
-    monkeypatch.setattr(trainer.export, "export", lambda ckpt, out, merge: calls.append((out, merge)) or out)
+    monkeypatch.setattr(
+        trainer.inference.export, "export", lambda ckpt, out, merge: calls.append((out, merge)) or out
+    )
     assert demo._export("ckpt", tmp_path, lora) == tmp_path / folder
     assert calls == [(tmp_path / folder, merge)]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import diffusion
+from trainer.model import diffusion
 
 MASK_ID = 7
 VOCAB = 11

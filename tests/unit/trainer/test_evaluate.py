@@ -13,17 +13,17 @@ from PIL import Image
 from test_sampling import build_shards, save_run
 
 from data_tools.index import read_index
-from trainer.assets import load_processor
 from trainer.config import ModelConfig
 from trainer.data import LoadedSample, PackedBatch, collate_rows
-from trainer.diffusion import gather_masked, masked_diffusion_loss
-from trainer.evaluate import ImageSwapper, choose_metric
-from trainer.evaluate import main as evaluate_main
-from trainer.nelbo import fixed_uniforms, nelbo_eval
-from trainer.pixels import PixelNormaliser
-from trainer.positions import mrope_position_ids
-from trainer.run_settings import read_settings
-from trainer.sampling import build_prompt, load_model
+from trainer.inference.evaluate import ImageSwapper, choose_metric
+from trainer.inference.evaluate import main as evaluate_main
+from trainer.inference.generate import build_prompt, load_model
+from trainer.model.diffusion import gather_masked, masked_diffusion_loss
+from trainer.model.pixels import PixelNormaliser
+from trainer.model.positions import mrope_position_ids
+from trainer.model.tokenizer import load_processor
+from trainer.run.nelbo import fixed_uniforms, nelbo_eval
+from trainer.run.run_settings import read_settings
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ from transformers import AutoTokenizer
 
 from data_tools.index import read_index, read_table, shard_samples, write_index
 from data_tools.shards import read_sample
-from trainer.assets import load_processor
-from trainer.attention import varlen_boundaries
 from trainer.config import ModelConfig
 from trainer.data import EvalLoader, PackedBatch, TrainLoader
 from trainer.data import loader as loader_module
-from trainer.pixels import PixelNormaliser
-from trainer.positions import mrope_position_ids
+from trainer.model.attention import varlen_boundaries
+from trainer.model.pixels import PixelNormaliser
+from trainer.model.positions import mrope_position_ids
+from trainer.model.tokenizer import load_processor
 
 MAX_TOKENS = 128
 # Three uneven shards (7, 4, 10 samples); text-only, one-image and two-image samples; one too long.

@@ -7,7 +7,14 @@ from typing import Optional
 
 import pytest
 
-from trainer.metrics import anls, exact_match, levenshtein, normalize_answer, relaxed_accuracy, score
+from trainer.inference.scoring import (
+    anls,
+    exact_match,
+    levenshtein,
+    normalize_answer,
+    relaxed_accuracy,
+    score,
+)
 
 
 def test_normalize_answer() -> None:
@@ -181,6 +188,6 @@ def test_scorers_equal_the_reference_scorers_on_generated_pairs() -> None:
 def test_the_build_names_the_same_metrics() -> None:
     # data_tools (which never imports trainer) lists the names `build --metric` accepts.
     from data_tools.settings import METRIC_NAMES
-    from trainer.metrics import METRICS
+    from trainer.inference.scoring import METRICS
 
     assert tuple(METRICS) == METRIC_NAMES

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import Qwen3VLForConditionalGeneration
 
-from trainer import diffusion
 from trainer.config import LoraConfig, ModelConfig
 from trainer.model import (
     MDLMModel,
     VisionFeatures,
     assemble_mdlm_model,
     build_mdlm_model,
+    diffusion,
     ensure_mask_token,
     set_text_causal,
 )
@@ -485,7 +485,7 @@ def test_logits_at_excludes_mask(mdlm: MDLMModel) -> None:
 
 
 def test_mask_token_added_to_a_stock_tokenizer() -> None:
-    from trainer.assets import build_qwen_tokenizer
+    from trainer.model.tokenizer import build_qwen_tokenizer
 
     tok = build_qwen_tokenizer(with_mask_token=False)
     assert tok.convert_tokens_to_ids("<|mask|>") in (None, tok.unk_token_id)

@@ -1,4 +1,4 @@
-"""`trainer.positions.mrope_position_ids` equals stock `Qwen3VLModel.get_rope_index` per sequence."""
+"""`trainer.model.positions.mrope_position_ids` equals stock `Qwen3VLModel.get_rope_index` per sequence."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, Qwen3VLModel
 
-from trainer.positions import mrope_position_ids
+from trainer.model.positions import mrope_position_ids
 
 
 @pytest.fixture(scope="module")

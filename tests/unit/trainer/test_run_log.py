@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from trainer.config import LoggingConfig
-from trainer.run_log import WANDB_ID_FILE, MetricsWriter
+from trainer.run.metrics_log import WANDB_ID_FILE, MetricsWriter
 
 
 class FakeWandbRun:

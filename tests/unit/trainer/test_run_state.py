@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from trainer.run_state import RunState
+from trainer.run.run_state import RunState
 
 
 def test_round_trip_through_the_json_trainer_state() -> None:

@@ -13,18 +13,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trainer import checkpoint as ckpt
-from trainer.assets import load_processor
 from trainer.config import ModelConfig, load_config, to_dict
-from trainer.export import export
-from trainer.run_settings import (
-    SETTINGS_FILE,
-    generation_settings,
-    read_settings,
-    resolve_flags,
-    suggested_canvas,
-)
-from trainer.sampling import (
+from trainer.inference.export import export
+from trainer.inference.generate import (
     RUN_FLAG_DEFAULTS,
     GenerationConfig,
     Prompt,
@@ -35,6 +26,15 @@ from trainer.sampling import (
     generation_config_from_args,
     load_model,
     main,
+)
+from trainer.model.tokenizer import load_processor
+from trainer.run import checkpoint as ckpt
+from trainer.run.run_settings import (
+    SETTINGS_FILE,
+    generation_settings,
+    read_settings,
+    resolve_flags,
+    suggested_canvas,
 )
 
 
@@ -273,7 +273,7 @@ def test_adapter_flag_names_a_full_model_folder_and_an_empty_one(
 
 
 class StandInEngine:
-    """What `trainer.checkpoint.save` needs of a DeepSpeed engine: its module, and a save that writes
+    """What `trainer.run.checkpoint.save` needs of a DeepSpeed engine: its module, and a save that writes
     the engine files (here none: loading for inference reads only the trainable weights)."""
 
     def __init__(self, module: nn.Module) -> None:
@@ -304,7 +304,7 @@ def build_shards(out: Path, model_dir: Path) -> Path:
 
 
 def save_run(out: Path, model_dir: Path, train: Path, overrides: dict[str, Any]) -> tuple[Path, Any]:
-    """A committed checkpoint of a run with `overrides`, saved by `trainer.checkpoint.save` as
+    """A committed checkpoint of a run with `overrides`, saved by `trainer.run.checkpoint.save` as
     `Trainer.save` does (trainable weights + run settings), its trainable weights changed as training
     would; returns the checkpoint and the in-memory model."""
     from trainer.model import build_mdlm_model
@@ -414,7 +414,7 @@ def test_checkpoint_of_a_run_that_trained_the_vision_side_generates(
 
 
 def _position_ids_of(ids_L: torch.Tensor, prompt: Prompt, model: Any) -> torch.Tensor:
-    from trainer.positions import mrope_position_ids
+    from trainer.model.positions import mrope_position_ids
 
     cfg = model.config
     return mrope_position_ids(

@@ -16,12 +16,12 @@ from torch import nn
 
 from trainer.config import LoraConfig, ModelConfig, TrainConfig
 from trainer.data.batch import LoadedSample, PackedBatch, collate_rows
-from trainer.distributed import DistInfo
 from trainer.model import MDLMModel, build_mdlm_model
-from trainer.positions import mrope_position_ids
-from trainer.step import TrainStep
-from trainer.step_stats import StepSums
-from trainer.train import build_training_model
+from trainer.model.positions import mrope_position_ids
+from trainer.run.distributed import DistInfo
+from trainer.run.loop import build_training_model
+from trainer.run.step import TrainStep
+from trainer.run.step_stats import StepSums
 
 # What reads a tensor's value on the host: on a GPU each one waits for the device to catch up.
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")

@@ -26,9 +26,9 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from trainer.diffusion import logits_at_positions
-from trainer.run_settings import BLOCK_SIZE, resolve_flags, set_image_size
-from trainer.tokens import SpecialTokens
+from trainer.model.diffusion import logits_at_positions
+from trainer.model.tokens import SpecialTokens
+from trainer.run.run_settings import BLOCK_SIZE, resolve_flags, set_image_size
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _block_step_counts(config: GenerationConfig) -> list[int]:
 
 
 def _position_ids(ids_L: torch.Tensor, grid_thw: torch.Tensor | None, tokens: SpecialTokens) -> torch.Tensor:
-    from trainer.positions import mrope_position_ids
+    from trainer.model.positions import mrope_position_ids
 
     return mrope_position_ids(
         ids_L,
@@ -340,7 +340,7 @@ def _predict(
 def build_prompt(processor: Any, question: str, images: Sequence[Any] = ()) -> Prompt:
     """A chat-formatted user turn (images first, then the question) + the assistant header.
 
-    `processor` is a Qwen3-VL processor (`trainer.assets.load_processor`); images are PIL images,
+    `processor` is a Qwen3-VL processor (`trainer.model.tokenizer.load_processor`); images are PIL images,
     resized to the Qwen grid by its image processor. The text is encoded as the build encodes
     training samples (`data_tools.samples.encode_prompt`): a control-token string typed in the
     question is text, not structure.
@@ -372,7 +372,7 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: torch.device | str | None = None,
 ) -> Any:
-    """An `MDLMModel` for inference, in eval mode on `device` (`trainer.export.load_run` without
+    """An `MDLMModel` for inference, in eval mode on `device` (`trainer.inference.export.load_run` without
     the run settings).
 
     `model`: a Qwen3-VL folder or hub id (the base, or a merged export). `adapter`: an exported PEFT
@@ -381,7 +381,7 @@ def load_model(
     latest): the model is rebuilt as the run built it and its trained weights loaded.
     `dtype` "auto" = bfloat16 on GPU, float32 on CPU.
     """
-    from trainer.export import load_run
+    from trainer.inference.export import load_run
 
     return load_run(
         model, adapter=adapter, checkpoint=checkpoint, dtype=dtype, attn_implementation=attn_implementation,
@@ -509,8 +509,8 @@ def main(argv: list[str]) -> int:
     try:
         requests = _requests(args)
         images = {path: _open_image(path) for _, paths in requests for path in paths}
-        from trainer.assets import load_processor
-        from trainer.export import load_run
+        from trainer.inference.export import load_run
+        from trainer.model.tokenizer import load_processor
 
         model, settings, source = load_run(
             args.model, adapter=args.adapter, checkpoint=args.checkpoint, dtype=args.dtype,

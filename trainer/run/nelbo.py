@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer import distributed
 from trainer.config import DEFAULT_ACCURACY_T, DEFAULT_T_GRID
-from trainer.diffusion import (
+from trainer.model.diffusion import (
     gather_source_positions,
     head_placeholder,
     loss_weight_at,
     masked_cross_entropy,
     p_mask_at,
 )
-from trainer.seeding import key_seed
+from trainer.run import distributed
+from trainer.run.seeding import key_seed
 
 
 def fixed_uniforms(
@@ -131,7 +131,7 @@ def nelbo_eval(
             restored afterwards.
         t_grid: the NELBO quadrature points (midpoints of equal bins of (0, 1)).
         accuracy_t: times at which masked-token accuracy (argmax == target) is reported.
-        schedule, shift: as the training objective (`trainer.diffusion`).
+        schedule, shift: as the training objective (`trainer.model.diffusion`).
         seed: mask seed; keep it fixed to compare runs.
         device: where batches go (default: the language model's device).
 

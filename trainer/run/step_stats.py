@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer import distributed
-from trainer.flops import FlopsModel, step_flops, sum_sq_doc_len
+from trainer.run import distributed
+from trainer.run.flops import FlopsModel, step_flops, sum_sq_doc_len
 
 if TYPE_CHECKING:
     from trainer.data import PackedBatch
-    from trainer.diffusion import MaskedTargets
     from trainer.model import MDLMOutput
+    from trainer.model.diffusion import MaskedTargets
 
 NUM_LOSS_SUMS = 3
 """weighted_ce, ce and num_nonfinite: the first :class:`StepSums`, added up on the device."""
@@ -54,7 +54,7 @@ class StepStats:
     mean_t: float
     """Mean diffusion time over sub-sequences."""
     flops: float
-    """Model FLOPs (see trainer.flops.step_flops)."""
+    """Model FLOPs (see trainer.run.flops.step_flops)."""
     num_read: int = 0
     """Samples the loaders tried to read for this step (all ranks)."""
     num_skipped: int = 0
@@ -82,7 +82,7 @@ class StepSums:
     """Sum of t over the sub-sequences present."""
     t_count: float = 0.0
     sum_sq_doc_len: float = 0.0
-    """Attention cost (see trainer.flops)."""
+    """Attention cost (see trainer.run.flops)."""
     num_vision_tokens: float = 0.0
     """Patch tokens through the vision tower."""
     num_read: float = 0.0

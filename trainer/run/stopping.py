@@ -6,8 +6,8 @@ import signal
 import time
 from typing import Any
 
-from trainer import distributed
 from trainer.config import ScheduleConfig
+from trainer.run import distributed
 
 
 class StopSignal:

@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from trainer.tokens import MASK_TOKEN
+from trainer.model.tokens import MASK_TOKEN
 
 NUM_BPE_TOKENS = 151_643
 VOCAB_ROWS = 151_936  # embedding rows of every Qwen3-VL size (padded beyond the tokenizer)

@@ -18,11 +18,7 @@ from typing import Any
 import torch
 
 from trainer.config import DEFAULT_ACCURACY_T, DEFAULT_T_GRID
-from trainer.metrics import METRICS, exact_match, score
-from trainer.nelbo import nelbo_eval
-from trainer.pixels import image_patches
-from trainer.run_settings import set_image_size
-from trainer.sampling import (
+from trainer.inference.generate import (
     GenerationConfig,
     Prompt,
     add_generation_arguments,
@@ -32,7 +28,11 @@ from trainer.sampling import (
     generation_config_from_args,
     resolve_run_flags,
 )
-from trainer.tokens import SpecialTokens
+from trainer.inference.scoring import METRICS, exact_match, score
+from trainer.model.pixels import image_patches
+from trainer.model.tokens import SpecialTokens
+from trainer.run.nelbo import nelbo_eval
+from trainer.run.run_settings import set_image_size
 
 # ------------------------------------------------------------------------------------------------
 # Generation metrics on held-out shards and the `evaluate` command
@@ -197,7 +197,7 @@ def generation_eval(
     batch_size: int = 32,
     shift: bool = False,
 ) -> dict[str, Any]:
-    """Generate an answer for every sample and score it with `metric` (see `trainer.metrics`).
+    """Generate an answer for every sample and score it with `metric` (see `trainer.inference.scoring`).
 
     Returns `{"metric", "score", "accuracy" (exact match, always), "num_samples", "chance" (mean
     over samples with a known chance, else None), "per_task": {task: {"accuracy", "score",
@@ -394,8 +394,8 @@ def main(argv: list[str]) -> int:
             data = data / "test"
         if not (data / "index.json").is_file():
             raise ValueError(f"--data {args.data!r} has no index.json: pass a shard set built by data_tools")
-        from trainer.assets import load_processor
-        from trainer.export import load_run
+        from trainer.inference.export import load_run
+        from trainer.model.tokenizer import load_processor
 
         model, settings, source = load_run(
             args.model, adapter=args.adapter, checkpoint=args.checkpoint, dtype=args.dtype, device=args.device

@@ -5,7 +5,7 @@
 
 - the language model is made bidirectional (docs/DESIGN.md §1: ``text_config.is_causal = False``
   AND ``is_causal = False`` on every text attention module) and its attention runs through a packed
-  backend from :mod:`trainer.attention`;
+  backend from :mod:`trainer.model.attention`;
 - ``<|mask|>`` is registered in the tokenizer (151669 for Qwen; the 151,936-row embedding already
   has room, it is never resized down);
 - the vision side (encoder, merger, deepstack mergers) is frozen;
@@ -17,7 +17,7 @@
 The forward is split in two (docs/DESIGN.md §2): :meth:`MDLMModel.vision_features` runs the frozen vision
 tower under ``torch.no_grad()``, outside DeepSpeed; :class:`MDLMLanguageModel` (``engine_module``)
 is the trainable part that goes into the DeepSpeed engine. No deepspeed / torch.distributed here.
-Both take the loader's uint8 patches (normalised here, on the device: :mod:`trainer.pixels`) or an
+Both take the loader's uint8 patches (normalised here, on the device: :mod:`trainer.model.pixels`) or an
 image processor's float pixel values.
 """
 
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer import attention, diffusion
 from trainer.config import LoraConfig, ModelConfig
-from trainer.peft_tokens import quiet_peft_wrapping, use_sparse_trainable_tokens
-from trainer.pixels import PixelNormaliser
-from trainer.tokens import IM_START, MASK_TOKEN
+from trainer.model import attention, diffusion
+from trainer.model.peft_tokens import quiet_peft_wrapping, use_sparse_trainable_tokens
+from trainer.model.pixels import PixelNormaliser
+from trainer.model.tokens import IM_START, MASK_TOKEN
 
 QWEN_MASK_TOKEN_ID = 151_669
 QWEN_IM_START_ID = 151_644  # identifies the Qwen vocabulary
@@ -60,7 +60,7 @@ class MDLMOutput:
     """Output of :class:`MDLMLanguageModel` when targets are given."""
 
     loss: torch.Tensor
-    """Normalised loss to back-propagate (see ``trainer.diffusion.masked_diffusion_loss``)."""
+    """Normalised loss to back-propagate (see ``trainer.model.diffusion.masked_diffusion_loss``)."""
     weighted_ce_sum: torch.Tensor
     """Detached sum of ``loss_weight * CE`` over masked tokens."""
     ce_sum: torch.Tensor
@@ -155,7 +155,7 @@ class MDLMLanguageModel(nn.Module):
 
     - without ``target_ids``: returns the final hidden states [B, L, H];
     - with ``target_ids``, ``masked`` and ``loss_weight`` (or ``targets``): returns an :class:`MDLMOutput`
-      whose loss comes from :func:`trainer.diffusion.masked_diffusion_loss` (LM head only at masked positions).
+      whose loss comes from :func:`trainer.model.diffusion.masked_diffusion_loss` (LM head only at masked positions).
     """
 
     def __init__(
@@ -296,8 +296,8 @@ class MDLMLanguageModel(nn.Module):
         """Hidden states [B, L, H], or with targets the MDLM loss (:class:`MDLMOutput`).
 
         ``input_ids`` are the noisy ids (masked tokens replaced), ``target_ids`` the clean ones;
-        ``masked``/``loss_weight``/``answer_mask`` [B, L], or ``targets`` (:func:`trainer.diffusion.gather_masked`,
-        on the host: no device sync); the rest as in :func:`trainer.diffusion.masked_diffusion_loss`.
+        ``masked``/``loss_weight``/``answer_mask`` [B, L], or ``targets`` (:func:`trainer.model.diffusion.gather_masked`,
+        on the host: no device sync); the rest as in :func:`trainer.model.diffusion.masked_diffusion_loss`.
         """
         hidden_BLH = self.hidden_states(
             input_ids,
@@ -312,7 +312,9 @@ class MDLMLanguageModel(nn.Module):
         if targets is None and target_ids is None:
             return hidden_BLH
         if targets is None and (masked is None or loss_weight is None):
-            raise ValueError("target_ids needs masked and loss_weight (see trainer.diffusion.apply_masking)")
+            raise ValueError(
+                "target_ids needs masked and loss_weight (see trainer.model.diffusion.apply_masking)"
+            )
         if targets is None:
             targets = diffusion.gather_masked(
                 target_ids, masked, loss_weight, shift=shift, seq_ids_BL=seq_ids
@@ -559,7 +561,7 @@ def build_mdlm_model(
     sections say (see :func:`assemble_mdlm_model`); training, export and generation all build here."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from trainer.assets import load_processor
+    from trainer.model.tokenizer import load_processor
 
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):

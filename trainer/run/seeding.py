@@ -13,5 +13,5 @@ def derived_seed(*parts: int) -> int:
 
 
 def key_seed(seed: int, key: str) -> int:
-    """A 63-bit seed from (seed, sample key): the fixed evaluation masks of a sample (trainer.nelbo)."""
+    """A 63-bit seed from (seed, sample key): the fixed evaluation masks of a sample (trainer.run.nelbo)."""
     return (zlib.crc32(f"{seed}:{key}".encode()) << 31) ^ zlib.crc32(f"{key}:{seed}".encode())

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer import distributed
 from trainer.config import (
     ConfigError,
     TrainConfig,
@@ -25,7 +23,9 @@ from trainer.config import (
     resume_changes,
     zero_stage,
 )
-from trainer.dataset_cache import ensure_source_shards
+from trainer.data.dataset_cache import ensure_source_shards
+from trainer.run import checkpoint as ckpt
+from trainer.run import distributed
 
 
 def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:

@@ -3,12 +3,12 @@
 Python API::
 
     from trainer.config import load_config
-    from trainer.train import run
+    from trainer.run.loop import run
     result = run(load_config("configs/demo.yaml", {"schedule.max_steps": 10}))
 
 One optimizer step, in this order on every rank:
  1. fetch this rank's micro-batches of the global step (data wait is timed);
- 2. run them (``trainer.step.TrainStep``: the normaliser, the noise drawn on the host, forward,
+ 2. run them (``trainer.run.step.TrainStep``: the normaliser, the noise drawn on the host, forward,
     backward and the engine's step, the step's statistics in one all-reduce);
  3. agree on finiteness and count skipped steps;
 then :meth:`Trainer.train` logs, evaluates, checkpoints and agrees on stopping (signals, limits).
@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer import distributed
 from trainer.config import (
     TrainConfig,
     config_hash,
@@ -37,17 +35,19 @@ from trainer.config import (
     write_run_files,
     zero_stage,
 )
-from trainer.distributed import DistInfo
-from trainer.flops import peak_flops
 from trainer.model import MDLMModel, build_mdlm_model
-from trainer.optim import client_optimizer, schedule_lengths, scheduler_factory
-from trainer.preflight import prepare
-from trainer.run_log import MetricsWriter, Throughput, peak_memory_gib
-from trainer.run_settings import generation_settings
-from trainer.run_state import RunState
-from trainer.step import TrainStep
-from trainer.step_stats import StepStats
-from trainer.stopping import StopAgreement
+from trainer.run import checkpoint as ckpt
+from trainer.run import distributed
+from trainer.run.distributed import DistInfo
+from trainer.run.flops import peak_flops
+from trainer.run.metrics_log import MetricsWriter, Throughput, peak_memory_gib
+from trainer.run.optim import client_optimizer, schedule_lengths, scheduler_factory
+from trainer.run.preflight import prepare
+from trainer.run.run_settings import generation_settings
+from trainer.run.run_state import RunState
+from trainer.run.step import TrainStep
+from trainer.run.step_stats import StepStats
+from trainer.run.stopping import StopAgreement
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -364,7 +364,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out NELBO and masked accuracy on every rank (logged by rank 0)."""
-        from trainer.nelbo import nelbo_eval
+        from trainer.run.nelbo import nelbo_eval
 
         assert self.eval_set is not None
         cfg = self.config
@@ -433,7 +433,7 @@ def run(config: TrainConfig) -> TrainResult:
 
 
 def run_prepared(config: TrainConfig, resume_dir: Path | None, ds_config: dict[str, Any]) -> TrainResult:
-    """:func:`run` after :func:`trainer.preflight.prepare` (which the CLI calls itself, for --dry-run)."""
+    """:func:`run` after :func:`trainer.run.preflight.prepare` (which the CLI calls itself, for --dry-run)."""
     lock = ckpt.RunLock(config.output_dir)
     if distributed.env_rank() == 0:
         lock.acquire()  # before any process group: a second run on this output_dir ends here

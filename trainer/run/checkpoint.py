@@ -5,7 +5,7 @@ Layout of ``OUTPUT_DIR/checkpoints/``::
     step-00000010/            one checkpoint (a DeepSpeed tag)
       <DeepSpeed engine files>  model/optimizer/scheduler shards, written by every rank
       trainable.safetensors     the trainable weights (LoRA + mask row, or the whole LM), gathered
-      mdlm_generation.json      how the model reads its input and decodes (trainer.run_settings)
+      mdlm_generation.json      how the model reads its input and decodes (trainer.run.run_settings)
       trainer_state.json        written LAST by rank 0: the commit record (step, data position,
                                 config hash, manifest of every file with its size)
       universal/                the engine state in DeepSpeed's world-size-free format, made
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from data_tools.fileio import atomic_write_text, fsync_dir
-from trainer.run_settings import write_settings
+from trainer.run.run_settings import write_settings
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -336,11 +336,11 @@ def save(
 ) -> Path:
     """Save a checkpoint from every rank; returns its directory once it is committed everywhere.
 
-    ``generation_settings`` (rank 0's; :func:`trainer.run_settings.generation_settings`) go into the
+    ``generation_settings`` (rank 0's; :func:`trainer.run.run_settings.generation_settings`) go into the
     checkpoint as ``mdlm_generation.json``, listed in its manifest like the weights."""
     from safetensors.torch import save_file
 
-    from trainer.distributed import barrier
+    from trainer.run.distributed import barrier
 
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
@@ -373,7 +373,7 @@ def load(engine: Any, ckpt_dir: str | os.PathLike[str], is_main: bool) -> dict[s
     checkpoint (the engine must have been built with ``checkpoint.load_universal``; see
     :func:`needs_universal`): rank 0 converts it once into ``CKPT/universal/`` while the others wait.
     """
-    from trainer.distributed import barrier
+    from trainer.run.distributed import barrier
 
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)

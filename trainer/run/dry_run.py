@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainer.config import TrainConfig, dump_yaml, global_batch_size, load_config, zero_stage
-from trainer.dataset_cache import ensure_source_shards
+from trainer.data.dataset_cache import ensure_source_shards
 
 if TYPE_CHECKING:
     from trainer.data import Catalog, EpochPlan, PlanSpec

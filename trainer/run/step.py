@@ -11,7 +11,7 @@ In this order on every rank (``TrainStep.__call__``):
     engine step (DeepSpeed steps the optimizer at the accumulation boundary; a non-finite gradient
     norm makes it skip the update on every rank); the loss sums stay on the device;
  4. reduce the step's statistics in one all-reduce.
-The loop (``trainer.train.Trainer``) fetches the micro-batches before and logs, evaluates,
+The loop (``trainer.run.loop.Trainer``) fetches the micro-batches before and logs, evaluates,
 checkpoints and agrees on stopping after.
 """
 
@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer import distributed
-from trainer.diffusion import (
+from trainer.model.diffusion import (
     FusedLinearCE,
     MaskedTargets,
     answer_weights,
@@ -32,16 +31,17 @@ from trainer.diffusion import (
     gather_masked,
     sample_sequence_t,
 )
-from trainer.flops import FlopsModel, flops_model
-from trainer.seeding import derived_seed
-from trainer.step_stats import NUM_LOSS_SUMS, StepStats, StepSums, loss_sums
-from trainer.tokens import answer_pad_ids
+from trainer.model.tokens import answer_pad_ids
+from trainer.run import distributed
+from trainer.run.flops import FlopsModel, flops_model
+from trainer.run.seeding import derived_seed
+from trainer.run.step_stats import NUM_LOSS_SUMS, StepStats, StepSums, loss_sums
 
 if TYPE_CHECKING:
     from trainer.config import DiffusionConfig, TrainConfig
     from trainer.data import PackedBatch
-    from trainer.distributed import DistInfo
     from trainer.model import MDLMModel, MDLMOutput
+    from trainer.run.distributed import DistInfo
 
 
 @dataclass
@@ -70,13 +70,13 @@ class TrainStep:
     seed: int
     info: DistInfo
     flops: FlopsModel
-    """What the step's FLOPs are counted with (``trainer.flops.flops_model``)."""
+    """What the step's FLOPs are counted with (``trainer.run.flops.flops_model``)."""
     pad_ids: tuple[int, ...] = ()
-    """The answer-padding ids (``trainer.tokens.answer_pad_ids``) that ``diffusion.pad_weight`` caps."""
+    """The answer-padding ids (``trainer.model.tokens.answer_pad_ids``) that ``diffusion.pad_weight`` caps."""
     zero3: bool = False
     """ZeRO-3 partitions the head: one unchunked head call per micro-batch, no fused kernel."""
     fused_ce: FusedLinearCE | None = None
-    """liger-kernel's fused head + CE (``trainer.diffusion.fused_linear_ce``), else the chunked head."""
+    """liger-kernel's fused head + CE (``trainer.model.diffusion.fused_linear_ce``), else the chunked head."""
     train_vision: bool = False
     """The vision tower or merger trains: it runs inside the engine, with autograd."""
 

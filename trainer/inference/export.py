@@ -11,13 +11,13 @@
   ``text_config.is_causal = false``, the tokenizer and the base's image processor (whatever the base:
   folder or hub id); stock ``Qwen3VLForConditionalGeneration.from_pretrained(OUT)`` loads it.
 
-Both carry ``mdlm_generation.json`` (:mod:`trainer.run_settings`: shift, image size, suggested
+Both carry ``mdlm_generation.json`` (:mod:`trainer.run.run_settings`: shift, image size, suggested
 canvas), which ``generate`` and ``evaluate`` read. The weights come from ``trainable.safetensors``
 (gathered at save time, also under ZeRO-3) and the model settings from the run config stored in
 ``trainer_state.json``.
 
 :func:`load_run` loads any trained model back for inference (a checkpoint, an adapter on its base,
-or a merged folder) with its run settings; ``trainer.sampling.load_model`` is the model alone.
+or a merged folder) with its run settings; ``trainer.inference.generate.load_model`` is the model alone.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import STATE_FILE, ResumeError, find_resume, load_trainable_state, read_state
 from trainer.config import TrainConfig, load_config
 from trainer.model import build_mdlm_model
-from trainer.peft_tokens import quiet_peft_wrapping
-from trainer.run_settings import SETTINGS_FILE, read_settings, write_settings
+from trainer.model.peft_tokens import quiet_peft_wrapping
+from trainer.run.checkpoint import STATE_FILE, ResumeError, find_resume, load_trainable_state, read_state
+from trainer.run.run_settings import SETTINGS_FILE, read_settings, write_settings
 
 
 def _resolve_checkpoint(path: str) -> Path:
@@ -99,8 +99,8 @@ def checkpoint_settings(ckpt_dir: str | Path, config: TrainConfig) -> tuple[dict
 
 def export(ckpt_dir: str | Path, output: str | Path, merge: bool = False, base: str | None = None) -> Path:
     """Write the adapter folder (or with ``merge`` the full model folder) of a checkpoint; return it."""
-    from trainer.assets import load_processor
     from trainer.model import set_text_causal
+    from trainer.model.tokenizer import load_processor
 
     model, config = load_trained_model(ckpt_dir, base)
     out = Path(output)
@@ -147,7 +147,7 @@ def load_run(
     device: torch.device | str | None = None,
 ) -> tuple[Any, dict[str, Any] | None, str | None]:
     """An `MDLMModel` for inference, in eval mode on `device`, and its run's settings
-    (`trainer.run_settings`) with the file they came from (None, None when there are none).
+    (`trainer.run.run_settings`) with the file they came from (None, None when there are none).
 
     `model`: a Qwen3-VL folder or hub id (the base, or a merged export: its `mdlm_generation.json`).
     `adapter`: an exported PEFT adapter folder (LoRA + the trained `<|mask|>` row), merged into the
@@ -171,7 +171,7 @@ def load_run(
         from peft import PeftModel
         from transformers import Qwen3VLForConditionalGeneration
 
-        from trainer.assets import load_processor
+        from trainer.model.tokenizer import load_processor
 
         processor = load_processor(model)
         base = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)

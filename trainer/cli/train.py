@@ -14,13 +14,13 @@ import traceback
 
 import torch.distributed
 
-from trainer import checkpoint as ckpt
-from trainer import distributed
-from trainer.cli_help import train_help
+from trainer.cli.train_help import train_help
 from trainer.config import ConfigError, load_config
-from trainer.dry_run import dry_run_report
-from trainer.preflight import prepare
-from trainer.train import TrainingError, run_prepared
+from trainer.run import checkpoint as ckpt
+from trainer.run import distributed
+from trainer.run.dry_run import dry_run_report
+from trainer.run.loop import TrainingError, run_prepared
+from trainer.run.preflight import prepare
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, bool, list[str]]:

@@ -1,0 +1,7 @@
+"""The run room: one training run (the loop and what it needs: steps, checkpoints, process group,
+stopping, optimizer, held-out NELBO, metrics log, FLOPs, seeding, preflight, dry run, run settings).
+
+The only room that imports deepspeed / torch.distributed. Submodules are imported by name
+(``from trainer.run.loop import run``); this package re-exports nothing, so importing one
+submodule imports no other.
+"""
