@@ -205,7 +205,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS
-    from trainer.model.tokenizer import make_tiny
+    from trainer.model.tiny import make_tiny
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from data_tools.images import process_image
 from data_tools.index import make_index, write_index
 from data_tools.samples import tokenize_conversation, tokenizer_info
 from trainer.data import Planner, PlanSpec, TrainLoader, load_catalog
-from trainer.model.tokenizer import load_processor
+from trainer.model.processor import load_processor
 
 
 def page_image() -> Image.Image:

@@ -17,7 +17,8 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from trainer.config import LoraConfig
 from trainer.model import assemble_mdlm_model
-from trainer.model.tokenizer import build_qwen_tokenizer, qwen3_vl_config
+from trainer.model.tiny import qwen3_vl_config
+from trainer.model.tokenizer import build_qwen_tokenizer
 
 # Published sizes: (text hidden, layers, q heads, kv heads, intermediate, tied,
 #                   vision depth, vision hidden, vision intermediate, vision heads, deepstack layers)

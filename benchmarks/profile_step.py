@@ -40,7 +40,7 @@ def main() -> None:
     from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS, synthesize
     from trainer.config import load_config
     from trainer.demo import DEMO_RECIPE, TINY_SHAPE, DemoConfig
-    from trainer.model.tokenizer import make_tiny
+    from trainer.model.tiny import make_tiny
     from trainer.run import distributed
     from trainer.run.loop import Trainer
     from trainer.run.preflight import prepare

@@ -135,7 +135,7 @@ def main() -> None:
     try:
         model = args.model
         if model is None:
-            from trainer.model.tokenizer import make_tiny
+            from trainer.model.tiny import make_tiny
 
             model = str(make_tiny(work / "model"))
         t0 = time.perf_counter()

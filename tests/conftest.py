@@ -16,6 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A `make-tiny` model folder (text hidden 64, 2 layers; vision hidden 32, depth 2), seed 0."""
-    from trainer.model.tokenizer import make_tiny
+    from trainer.model.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-qwen3vl"), seed=0)

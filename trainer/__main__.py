@@ -6,10 +6,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny": (
-        "trainer.model.tokenizer",
-        "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer",
-    ),
+    "make-tiny": ("trainer.cli.make_tiny", "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer"),
     "plan": (
         "trainer.run.dry_run",
         "Print the epoch plan (packs per rank and step) of a config or shard sets",

@@ -50,7 +50,7 @@ TINY_SHAPE: dict[str, float] = {
     "vision_depth": 2,
     "vision_heads": 2,
     # Row length of the frozen random embedding tied to the head: long enough for logits to single
-    # out an answer among 151,936 tokens (see trainer.model.tokenizer.tiny_config).
+    # out an answer among 151,936 tokens (see trainer.model.tiny.tiny_config).
     "initializer_range": 0.1,
 }
 
@@ -260,7 +260,7 @@ def _prepare_environment() -> None:
 def _build_inputs(config: DemoConfig, out: Path) -> tuple[Path, Path]:
     """Steps 1-2: the tiny model folder and the synthetic shards."""
     from data_tools.synth import SYNTH_MAX_PIXELS, SYNTH_MIN_PIXELS, synthesize
-    from trainer.model.tokenizer import make_tiny
+    from trainer.model.tiny import make_tiny
 
     _log("1/5 tiny model")
     # The model's image processor resizes to the synthetic images' range, so `generate` on the
@@ -328,7 +328,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     from trainer.inference.evaluate import evaluate_shards, format_table
     from trainer.inference.generate import load_model
-    from trainer.model.tokenizer import load_processor
+    from trainer.model.processor import load_processor
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     _prepare_environment()

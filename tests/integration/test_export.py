@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.model.tokenizer import load_processor
+from trainer.model.processor import load_processor
 from trainer.run.checkpoint import checkpoint_root
 from trainer.run.run_settings import read_settings
 

@@ -41,7 +41,7 @@ def run_ranks(
 ) -> dict[str, Any]:  # fmt: skip
     """Run every rank's loader for up to `max_steps` steps (2 epochs at most); keys and digests per step."""
     from trainer.data import TrainLoader
-    from trainer.model.tokenizer import load_processor
+    from trainer.model.processor import load_processor
 
     processor = load_processor(model)
     steps: dict[str, dict[int, list[str]]] = {}

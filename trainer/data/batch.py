@@ -114,7 +114,7 @@ class SampleReader:
     """
 
     def __init__(self, processor: Any, log_every_s: float = 30.0) -> None:
-        """`processor`: a Qwen3-VL processor (`trainer.model.tokenizer.load_processor`): tokenizer + image processor."""
+        """`processor`: a Qwen3-VL processor (`trainer.model.processor.load_processor`): tokenizer + image processor."""
         tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = token_id(tokenizer, IMAGE_PAD)

@@ -253,7 +253,7 @@ class TrainLoader:
         resume: Mapping[str, Any] | None = None,
         max_epochs: int | None = None,
     ) -> None:
-        """See the class docstring; `processor` is a Qwen3-VL processor (`trainer.model.tokenizer.load_processor`),
+        """See the class docstring; `processor` is a Qwen3-VL processor (`trainer.model.processor.load_processor`),
         `weights` one mixing weight per shard set (default 1 each), `limit` keeps the first N samples of
         each set, `window` is the best-fit window and `packing=False` puts one sample per row."""
         for name, value in (

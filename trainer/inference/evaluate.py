@@ -395,7 +395,7 @@ def main(argv: list[str]) -> int:
         if not (data / "index.json").is_file():
             raise ValueError(f"--data {args.data!r} has no index.json: pass a shard set built by data_tools")
         from trainer.inference.export import load_run
-        from trainer.model.tokenizer import load_processor
+        from trainer.model.processor import load_processor
 
         model, settings, source = load_run(
             args.model, adapter=args.adapter, checkpoint=args.checkpoint, dtype=args.dtype, device=args.device

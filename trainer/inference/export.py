@@ -100,7 +100,7 @@ def checkpoint_settings(ckpt_dir: str | Path, config: TrainConfig) -> tuple[dict
 def export(ckpt_dir: str | Path, output: str | Path, merge: bool = False, base: str | None = None) -> Path:
     """Write the adapter folder (or with ``merge`` the full model folder) of a checkpoint; return it."""
     from trainer.model import set_text_causal
-    from trainer.model.tokenizer import load_processor
+    from trainer.model.processor import load_processor
 
     model, config = load_trained_model(ckpt_dir, base)
     out = Path(output)
@@ -171,7 +171,7 @@ def load_run(
         from peft import PeftModel
         from transformers import Qwen3VLForConditionalGeneration
 
-        from trainer.model.tokenizer import load_processor
+        from trainer.model.processor import load_processor
 
         processor = load_processor(model)
         base = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)

@@ -340,7 +340,7 @@ def _predict(
 def build_prompt(processor: Any, question: str, images: Sequence[Any] = ()) -> Prompt:
     """A chat-formatted user turn (images first, then the question) + the assistant header.
 
-    `processor` is a Qwen3-VL processor (`trainer.model.tokenizer.load_processor`); images are PIL images,
+    `processor` is a Qwen3-VL processor (`trainer.model.processor.load_processor`); images are PIL images,
     resized to the Qwen grid by its image processor. The text is encoded as the build encodes
     training samples (`data_tools.samples.encode_prompt`): a control-token string typed in the
     question is text, not structure.
@@ -510,7 +510,7 @@ def main(argv: list[str]) -> int:
         requests = _requests(args)
         images = {path: _open_image(path) for _, paths in requests for path in paths}
         from trainer.inference.export import load_run
-        from trainer.model.tokenizer import load_processor
+        from trainer.model.processor import load_processor
 
         model, settings, source = load_run(
             args.model, adapter=args.adapter, checkpoint=args.checkpoint, dtype=args.dtype,

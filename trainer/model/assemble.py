@@ -561,7 +561,7 @@ def build_mdlm_model(
     sections say (see :func:`assemble_mdlm_model`); training, export and generation all build here."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from trainer.model.tokenizer import load_processor
+    from trainer.model.processor import load_processor
 
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -1,33 +1,22 @@
-"""Offline Qwen3-VL assets: the real Qwen tokenizer, the Qwen3-VL chat template, tiny models.
+"""The offline Qwen tokenizer and the Qwen3-VL chat template.
 
 The Hugging Face hub is out of reach on the machines this project is tested on, so the tokenizer is
 rebuilt from the Qwen BPE ranks that ship as a plain file (`dashscope/resources/qwen.tiktoken`) in
 the `dashscope` wheel. The file is read, the package is never imported. The result gives the same
 ids as the published Qwen3-VL tokenizer for every text and special token, plus `<|mask|>` (151669).
-
-`python -m trainer make-tiny OUT_DIR` writes a complete model folder (config, seeded random
-weights, tokenizer with chat template, image processor) that stock transformers loads offline.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 from pathlib import Path
 
-import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from transformers import (
     PreTrainedTokenizerBase,
-    ProcessorMixin,
     Qwen2Tokenizer,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLProcessor,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from trainer.model.tokens import MASK_TOKEN
 
@@ -102,16 +91,6 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-
-# Qwen3-VL's image processor settings: 16-px patches, 2x2 merge, so one LM token per 32x32 pixels.
-QWEN3_VL_IMAGE_PROCESSOR = {
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "size": {"shortest_edge": 65_536, "longest_edge": 16_777_216},
-}
 
 
 class MissingAssetError(RuntimeError):
@@ -221,211 +200,3 @@ def build_qwen_tokenizer(with_mask_token: bool = True) -> PreTrainedTokenizerBas
     for offset, (content, _) in enumerate(added):
         assert tokenizer.convert_tokens_to_ids(content) == NUM_BPE_TOKENS + offset, content
     return tokenizer
-
-
-def build_image_processor(**overrides: object) -> Qwen2VLImageProcessorPil:
-    """Qwen3-VL's image processor on the PIL backend (needs no torchvision)."""
-    return Qwen2VLImageProcessorPil(**{**QWEN3_VL_IMAGE_PROCESSOR, **overrides})
-
-
-class Qwen3VLImageProcessor(Qwen3VLProcessor):
-    """`Qwen3VLProcessor` for images and text only.
-
-    The stock processor insists on a video processor, which needs torchvision, which does not
-    import beside a CPU-only torch; this one declares no video attribute and is otherwise stock."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # type: ignore[no-untyped-def]
-        self.image_token = "<|image_pad|>"
-        self.video_token = "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-        self.vision_start_token = "<|vision_start|>"
-        self.vision_end_token = "<|vision_end|>"
-        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
-        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
-
-
-def load_processor(name_or_path: str | Path) -> Qwen3VLProcessor:
-    """The model's Qwen3-VL processor: stock where torchvision imports, images-and-text otherwise."""
-    from transformers import AutoProcessor, AutoTokenizer
-
-    if importlib.util.find_spec("torchvision") is not None:
-        try:
-            import torchvision  # noqa: F401
-
-            return AutoProcessor.from_pretrained(str(name_or_path))
-        except (ImportError, RuntimeError):
-            pass  # a torchvision that does not match torch (seen with CPU builds): go without
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    # The class itself: AutoImageProcessor demands torchvision even for the PIL backend in 5.4-5.17.
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(name_or_path))
-    return Qwen3VLImageProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-    )
-
-
-def tiny_config(
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vision_hidden_size: int = 32,
-    vision_depth: int = 2,
-    vision_heads: int = 2,
-    initializer_range: float = 0.02,
-) -> Qwen3VLConfig:
-    """A small but complete Qwen3-VL config with the real vocabulary and special-token ids.
-
-    ``initializer_range`` is the std of the random text weights (embeddings included): with a
-    frozen random embedding tied to the head, logits can only separate the 151,936 tokens if the rows
-    are long enough (0.02 x sqrt(128) bounds a logit gap near 2.6; a trained Qwen's is far larger)."""
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"hidden size {hidden_size} must divide by heads {num_heads}, and heads by kv heads {num_kv_heads}"
-        )
-    head_dim = hidden_size // num_heads
-    if head_dim % 8:
-        raise ValueError(f"head_dim = hidden/heads = {head_dim} must be a multiple of 8 for M-RoPE sections")
-    half = head_dim // 2
-    # Qwen3-VL splits the rotary half-dimension 24/20/20 of 64 between t/h/w; keep that proportion.
-    mrope_h = mrope_w = half * 5 // 16
-    mrope_section = [half - mrope_h - mrope_w, mrope_h, mrope_w]
-    text_config = {
-        "vocab_size": VOCAB_ROWS,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32_768,
-        "rms_norm_eps": 1e-6,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
-        "initializer_range": initializer_range,
-        "bos_token_id": 151_643,
-        "eos_token_id": 151_645,
-        # No pad_token_id, as in the published configs: nn.Embedding would zero that row (and with
-        # tied weights its logit), so <|endoftext|> could never be predicted.
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 5_000_000.0,
-            "mrope_section": mrope_section,
-            "mrope_interleaved": True,
-        },
-    }
-    vision_config = {
-        "depth": vision_depth,
-        "hidden_size": vision_hidden_size,
-        "intermediate_size": vision_hidden_size * 4,
-        "num_heads": vision_heads,
-        "in_channels": 3,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "out_hidden_size": hidden_size,
-        "num_position_embeddings": 256,
-        "deepstack_visual_indexes": list(range(min(vision_depth, 3))),
-        "hidden_act": "gelu_pytorch_tanh",
-        "initializer_range": 0.02,
-    }
-    return qwen3_vl_config(text_config, vision_config, tie_word_embeddings=True)
-
-
-def qwen3_vl_config(
-    text_config: dict[str, object], vision_config: dict[str, object], *, tie_word_embeddings: bool
-) -> Qwen3VLConfig:
-    """A ``Qwen3VLConfig`` of the given text and vision parts with Qwen's real vision token ids."""
-    return Qwen3VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=151_655,
-        video_token_id=151_656,
-        vision_start_token_id=151_652,
-        vision_end_token_id=151_653,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-
-
-def build_tiny_model(*, seed: int = 0, **shape: float) -> Qwen3VLForConditionalGeneration:
-    """A tiny random Qwen3-VL in memory (fp32, eval mode); `shape` as in `tiny_config`."""
-    torch.manual_seed(seed)
-    return Qwen3VLForConditionalGeneration(tiny_config(**shape)).eval()
-
-
-def make_tiny(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    **shape: float,
-) -> Path:
-    """Write a tiny random Qwen3-VL folder (seeded: the same seed gives the same weights).
-
-    ``min_pixels``/``max_pixels`` set the image processor's resize range (default Qwen3-VL's): the
-    range the model's images are trained at, which `generate` and `data_tools build` then use."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    build_tiny_model(seed=seed, **shape).save_pretrained(out, safe_serialization=True)
-    build_qwen_tokenizer().save_pretrained(out)
-    size = dict(QWEN3_VL_IMAGE_PROCESSOR["size"])
-    if min_pixels is not None:
-        size["shortest_edge"] = min_pixels
-    if max_pixels is not None:
-        size["longest_edge"] = max_pixels
-    build_image_processor(size=size).save_pretrained(out)
-    (out / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE, encoding="utf-8")
-    return out
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer make-tiny",
-        description="Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer (offline).",
-    )
-    parser.add_argument("out_dir", help="folder to write (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
-    parser.add_argument("--hidden-size", type=int, default=64, help="text hidden size")
-    parser.add_argument("--num-layers", type=int, default=2, help="text decoder layers")
-    parser.add_argument("--num-heads", type=int, default=4, help="text attention heads")
-    parser.add_argument("--num-kv-heads", type=int, default=2, help="text key/value heads")
-    parser.add_argument("--intermediate-size", type=int, default=128, help="text MLP width")
-    parser.add_argument("--vision-hidden-size", type=int, default=32, help="vision hidden size")
-    parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks")
-    parser.add_argument("--vision-heads", type=int, default=2, help="vision attention heads")
-    parser.add_argument(
-        "--initializer-range", type=float, default=0.02, help="std of the random text weights"
-    )
-    parser.add_argument("--min-pixels", type=int, default=None, help="image resize floor (default 65536)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="image resize cap (default 16777216)")
-    args = parser.parse_args(argv)
-    try:
-        out = make_tiny(
-            args.out_dir,
-            seed=args.seed,
-            min_pixels=args.min_pixels,
-            max_pixels=args.max_pixels,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            num_kv_heads=args.num_kv_heads,
-            intermediate_size=args.intermediate_size,
-            vision_hidden_size=args.vision_hidden_size,
-            vision_depth=args.vision_depth,
-            vision_heads=args.vision_heads,
-            initializer_range=args.initializer_range,
-        )
-    except ValueError as err:
-        parser.error(str(err))
-    config = json.loads((out / "config.json").read_text())
-    print(
-        f"wrote {out} (text hidden {config['text_config']['hidden_size']}, "
-        f"{config['text_config']['num_hidden_layers']} layers)"
-    )
-    return 0

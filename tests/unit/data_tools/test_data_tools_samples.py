@@ -24,7 +24,7 @@ def _conversation() -> list[dict[str, Any]]:
 
 
 def test_input_ids_equal_stock_processor(tiny_model_dir: Path, data_tools_tokenizer: Any) -> None:
-    from trainer.model.tokenizer import load_processor
+    from trainer.model.processor import load_processor
 
     image = Image.new("RGB", (300, 200), "red")
     buf = io.BytesIO()

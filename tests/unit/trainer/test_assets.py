@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
-from trainer.model.tokenizer import build_tiny_model, load_processor, make_tiny
+from trainer.model.processor import load_processor
+from trainer.model.tiny import build_tiny_model, make_tiny
 
 SPECIAL_IDS = {
     "<|endoftext|>": 151643,

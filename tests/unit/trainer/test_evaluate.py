@@ -21,7 +21,7 @@ from trainer.inference.generate import build_prompt, load_model
 from trainer.model.diffusion import gather_masked, masked_diffusion_loss
 from trainer.model.pixels import PixelNormaliser
 from trainer.model.positions import mrope_position_ids
-from trainer.model.tokenizer import load_processor
+from trainer.model.processor import load_processor
 from trainer.run.nelbo import fixed_uniforms, nelbo_eval
 from trainer.run.run_settings import read_settings
 

@@ -28,7 +28,7 @@ from trainer.data import loader as loader_module
 from trainer.model.attention import varlen_boundaries
 from trainer.model.pixels import PixelNormaliser
 from trainer.model.positions import mrope_position_ids
-from trainer.model.tokenizer import load_processor
+from trainer.model.processor import load_processor
 
 MAX_TOKENS = 128
 # Three uneven shards (7, 4, 10 samples); text-only, one-image and two-image samples; one too long.

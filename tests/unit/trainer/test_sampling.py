@@ -27,7 +27,7 @@ from trainer.inference.generate import (
     load_model,
     main,
 )
-from trainer.model.tokenizer import load_processor
+from trainer.model.processor import load_processor
 from trainer.run import checkpoint as ckpt
 from trainer.run.run_settings import (
     SETTINGS_FILE,
