@@ -6,16 +6,19 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny": ("trainer.cli.make_tiny", "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer"),
+    "make-tiny": (
+        "trainer.cli.make_tiny",
+        "Write a tiny random Qwen3-VL model folder with the real Qwen tokenizer",
+    ),
     "plan": (
-        "trainer.run.dry_run",
+        "trainer.cli.plan",
         "Print the epoch plan (packs per rank and step) of a config or shard sets",
     ),
     "train": ("trainer.cli.train", "Train with DeepSpeed (python, deepspeed or torchrun launchers)"),
-    "export": ("trainer.inference.export", "Export a checkpoint as a PEFT adapter folder, optionally merged"),
-    "generate": ("trainer.inference.generate", "Generate answers with MDLM sampling"),
-    "evaluate": ("trainer.inference.evaluate", "Evaluate on held-out shards: NELBO and generation metrics"),
-    "demo": ("trainer.demo", "Synthetic demo: build shards, train, evaluate, report"),
+    "export": ("trainer.cli.export", "Export a checkpoint as a PEFT adapter folder, optionally merged"),
+    "generate": ("trainer.cli.generate", "Generate answers with MDLM sampling"),
+    "evaluate": ("trainer.cli.evaluate", "Evaluate on held-out shards: NELBO and generation metrics"),
+    "demo": ("trainer.cli.demo", "Synthetic demo: build shards, train, evaluate, report"),
 }
 
 

@@ -31,7 +31,7 @@ def _hub_cache(root: Path, model_dir: Path, repo_id: str) -> Path:
 
 def _our_logits(ckpt: Path, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of the trained model as the engine computes them (packed bidirectional path)."""
-    from trainer.inference.export import load_trained_model
+    from trainer.inference.loading import load_trained_model
     from trainer.model.positions import mrope_position_ids
 
     model, _ = load_trained_model(ckpt)

@@ -16,7 +16,6 @@ from trainer.data.plan import (
     SampleRef,
     best_fit_pack,
     load_catalog,
-    main,
     parse_shard_spec,
     parse_shard_specs,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "best_fit_pack",
     "collate_rows",
     "load_catalog",
-    "main",
     "parse_shard_spec",
     "parse_shard_specs",
 ]

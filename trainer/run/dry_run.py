@@ -1,18 +1,14 @@
 """``train --dry-run`` (the resolved config, the plan and a per-device memory estimate, no weights
-loaded) and the ``plan`` command (the epoch plan of a training config, or of ``--shards`` sets)."""
+loaded) and the plan of a training config that the ``plan`` command prints (trainer/cli/plan.py)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.config import TrainConfig, dump_yaml, global_batch_size, load_config, zero_stage
-from trainer.data.dataset_cache import ensure_source_shards
+from trainer.config import TrainConfig, dump_yaml, global_batch_size, zero_stage
 
 if TYPE_CHECKING:
     from trainer.data import Catalog, EpochPlan, PlanSpec
@@ -65,50 +61,6 @@ def dry_run_report(config: TrainConfig, ds_config: dict[str, Any], world_size: i
     lines.append(f"zero stage: {zero_stage(ds_config)}; precision: {precision}")
     lines.append(memory_estimate(config, ds_config, world_size))
     return "\n".join(lines)
-
-
-PLAN_USAGE = """usage: python -m trainer plan [--config FILE.yaml] [--KEY VALUE ...] [--world-size N] [--epoch E] [--json]
-       python -m trainer plan --shards DIR[:WEIGHT] ... --max-tokens N [...]  (plan --shards --help: its options)
-
-The epoch plan (packs per rank and global step) from index.json alone. The first form plans the run a
-training config describes: --config and overrides exactly as `python -m trainer train` takes them
-(python -m trainer train --help lists every key); --json prints every step's packs."""
-
-
-def main(argv: list[str]) -> int:
-    """``python -m trainer plan``: the plan of a training config, or of ``--shards`` sets."""
-    if any(arg == "--shards" or arg.startswith("--shards=") for arg in argv):
-        from trainer.data import main as shards_plan_main
-
-        return shards_plan_main(argv)
-    if not argv or any(arg in ("-h", "--help") for arg in argv):
-        print(PLAN_USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    parser = argparse.ArgumentParser(prog="python -m trainer plan", add_help=False, allow_abbrev=False)
-    parser.add_argument("--config")
-    parser.add_argument("--world-size", "--world_size", type=int, default=1)
-    parser.add_argument("--epoch", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        if args.world_size < 1 or args.epoch < 0:
-            raise ValueError("--world-size must be >= 1 and --epoch >= 0")
-        config = load_config(args.config, overrides)
-        ensure_source_shards(config)
-        catalog, plan = config_plan(config, args.world_size, args.epoch)
-        lines = plan_lines(config, catalog, plan, args.world_size)
-    except ValueError as err:  # ConfigError included
-        print(f"plan: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        from trainer.data.plan import plan_summary
-
-        print(json.dumps(plan_summary(plan, catalog, args.world_size)))
-    else:
-        tail = "dropped" if plan.drop_remainder else "carried out"
-        head = f"epoch {plan.epoch}: {plan.num_carried_in} packs carried in, {len(plan.remainder)} {tail}"
-        print("\n".join([head, *lines]))
-    return 0
 
 
 def memory_estimate(config: TrainConfig, ds_config: dict[str, Any], world_size: int) -> str:

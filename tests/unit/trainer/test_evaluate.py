@@ -13,10 +13,10 @@ from PIL import Image
 from test_sampling import build_shards, save_run
 
 from data_tools.index import read_index
+from trainer.cli.evaluate import main as evaluate_main
 from trainer.config import ModelConfig
 from trainer.data import LoadedSample, PackedBatch, collate_rows
 from trainer.inference.evaluate import ImageSwapper, choose_metric
-from trainer.inference.evaluate import main as evaluate_main
 from trainer.inference.generate import build_prompt, load_model
 from trainer.model.diffusion import gather_masked, masked_diffusion_loss
 from trainer.model.pixels import PixelNormaliser

@@ -11,8 +11,8 @@ import pytest
 
 from data_tools import shards
 from data_tools.index import make_index, write_index
+from trainer.cli.plan import shards_main as main
 from trainer.data import Planner, PlanSpec, best_fit_pack, load_catalog
-from trainer.data.plan import main
 
 
 def write_index_only(directory: Path, lengths_per_shard: list[list[int]], prefix: str = "k") -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from trainer.cli.generate import add_generation_arguments, generation_config_from_args, main
 from trainer.config import ModelConfig, load_config, to_dict
 from trainer.inference.export import export
 from trainer.inference.generate import (
@@ -20,12 +21,9 @@ from trainer.inference.generate import (
     GenerationConfig,
     Prompt,
     SpecialTokens,
-    add_generation_arguments,
     build_prompt,
     generate,
-    generation_config_from_args,
     load_model,
-    main,
 )
 from trainer.model.processor import load_processor
 from trainer.run import checkpoint as ckpt
