@@ -1,9 +1,12 @@
 """Qwen3-VL masked diffusion (MDLM) trainer.
 
-Importing this package imports neither deepspeed nor torch.distributed; only the training loop,
-checkpointing and the distributed helpers do. ``load_mdlm_model``, ``LoadedModel`` and ``TrainOutput``
-come from :mod:`trainer.api` when first used; its ``train`` is imported from there
-(``from trainer.api import train``), because ``trainer.run.loop`` names the training-loop module.
+Importing this package imports neither deepspeed nor torch.distributed; only the training run
+(``trainer.run``: the loop, checkpointing and the distributed helpers) does. ``load_mdlm_model``,
+``LoadedModel`` and ``TrainOutput`` come from :mod:`trainer.api` when first used; its ``train`` is
+imported from there (``from trainer.api import train``); the training loop is :mod:`trainer.run.loop`.
+
+Rooms, lowest first (a module imports only its own room or lower ones; docs/CONTRACTS.md, Layout):
+``config`` < ``model`` < ``data`` < ``run`` < ``inference`` < ``cli`` / ``api`` / ``demo``.
 """
 
 from __future__ import annotations
