@@ -181,3 +181,14 @@ def test_the_layout_map_names_every_module() -> None:
     present = {p.relative_to(ROOT).as_posix() for p in module_files().values()}
     assert not present - named, f"modules missing from docs/CONTRACTS.md, Layout: {sorted(present - named)}"
     assert not named - present, f"docs/CONTRACTS.md, Layout names missing files: {sorted(named - present)}"
+
+
+def test_generation_and_evaluation_do_not_import_the_export_module() -> None:
+    modules = module_files()
+    for name in (
+        "trainer.inference.generate",
+        "trainer.inference.evaluate",
+        "trainer.cli.generate",
+        "trainer.cli.evaluate",
+    ):
+        assert "trainer.inference.export" not in trainer_imports(modules[name], modules), name
