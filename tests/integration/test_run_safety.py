@@ -179,12 +179,39 @@ def test_shards_of_another_tokenizer_are_refused_naming_both(
 ) -> None:
     shards = copied_shards(mixed_shards, tmp_path)
     index = json.loads((shards / "test" / "index.json").read_text())
-    index["tokenizer"].update(fingerprint="0123456789abcdef", name_or_path="Qwen/Qwen2.5-VL-3B-Instruct")
+    index["tokenizer"].update(
+        fingerprint="0123456789abcdef",
+        files_sha256="fedcba9876543210",
+        name_or_path="Qwen/Qwen2.5-VL-3B-Instruct",
+    )
     (shards / "test" / "index.json").write_text(json.dumps(index))
     code, err = run_main(common_args(tiny_model_dir, shards, tmp_path / "run"), capsys)
     assert code == 2 and err.count("\n") == 1
     assert "built with the tokenizer of 'Qwen/Qwen2.5-VL-3B-Instruct' (fingerprint 0123456789ab)" in err
     assert f"model.name_or_path {str(tiny_model_dir)!r} has" in err
+
+
+def test_the_tokenizer_check_loads_no_tokenizer_when_its_files_are_the_builds(
+    tiny_model_dir: Path, mixed_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same tokenizer files as the build: no ~2 s tokenizer load per rank. Other files (here the same
+    tokenizer saved again, reformatted): loaded once and compared by fingerprint, still accepted."""
+    from data_tools import samples
+    from trainer.config import load_config
+    from trainer.run.preflight import check_shard_sets
+
+    loads: list[str] = []
+    real_load = samples.load_tokenizer
+    monkeypatch.setattr(samples, "load_tokenizer", lambda path: loads.append(path) or real_load(path))
+    config = load_config(None, common_args(tiny_model_dir, mixed_shards, tmp_path / "run"))
+    check_shard_sets(config)
+    assert loads == []
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer_config = model / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps(json.loads(tokenizer_config.read_text()), indent=4))
+    check_shard_sets(load_config(None, common_args(model, mixed_shards, tmp_path / "run")))
+    assert loads == [str(model)]
 
 
 @pytest.mark.slow

@@ -59,12 +59,13 @@ def prepare(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
 def check_shard_sets(config: TrainConfig) -> None:
     """Every shard set the run reads: files as `index.json` lists them, built with the model's tokenizer."""
     from data_tools.index import read_index
-    from data_tools.samples import load_tokenizer, tokenizer_fingerprint
+    from data_tools.samples import load_tokenizer, tokenizer_files_sha256, tokenizer_fingerprint
     from data_tools.shards import check_files
     from trainer.data import parse_shard_specs
 
     dirs, _ = parse_shard_specs(config.data.train)
-    model_fingerprint = tokenizer_fingerprint(load_tokenizer(config.model.name_or_path))
+    model_files = tokenizer_files_sha256(config.model.name_or_path)
+    model_fingerprint = None
     for directory in [*dirs, *([config.data.test] if config.data.test else [])]:
         index = read_index(directory)
         problems = check_files(directory, index)
@@ -74,6 +75,10 @@ def check_shard_sets(config: TrainConfig) -> None:
                 f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); rebuild it or restore the files"
             )
         built = index.get("tokenizer", {})
+        if model_files is not None and built.get("files_sha256") == model_files:
+            continue  # the same tokenizer files: no need to load the tokenizer (~2 s per rank)
+        if model_fingerprint is None:
+            model_fingerprint = tokenizer_fingerprint(load_tokenizer(config.model.name_or_path))
         if built.get("fingerprint") != model_fingerprint:
             raise ConfigError(
                 f"shard set {directory!r} was built with the tokenizer of {built.get('name_or_path')!r} "
