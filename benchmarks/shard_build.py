@@ -26,8 +26,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from data_tools.build import BuildSettings, run_build
+from data_tools.fileio import file_sha256
 from data_tools.samples import load_tokenizer, tokenizer_info
-from data_tools.shards import file_sha256
 from data_tools.sources import open_source
 from data_tools.synth import nanum_font
 

@@ -1,4 +1,5 @@
-"""Crash-safe small-file writes: a reader sees the old content or the whole new content, never a part.
+"""Crash-safe small-file writes: a reader sees the old content or the whole new content, never a part;
+and the file helpers every writer shares (`fsync_dir`, `fsync_file`, `file_sha256`).
 
 The temporary name (`.NAME.tmp-PID`, in the same folder so that `os.replace` is a rename within one
 filesystem) contains `.tmp-`, which `build` removes on resume and `verify` reports as a leftover.
@@ -6,6 +7,7 @@ filesystem) contains `.tmp-`, which `build` removes on resume and `verify` repor
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -27,6 +29,24 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file already written and closed to the disk (before a record that lists it is written)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -8,7 +8,6 @@ fsynced and renamed; `index.json` is written last, so a directory without it is 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_tools.fileio import fsync_dir, temporary_path
+from data_tools.fileio import file_sha256, fsync_dir, temporary_path
 from data_tools.images import decode_stored_image
 from data_tools.index import COLUMNS_PREFIX, read_index, read_table
 
@@ -135,15 +134,6 @@ def write_shard(path: str | os.PathLike[str], samples: Sequence[EncodedSample]) 
         "sha256": file_sha256(path),
         "samples": entries,
     }
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def decode_sample_bytes(raw: bytes) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from data_tools.fileio import atomic_write_text, fsync_dir
+from data_tools.fileio import atomic_write_text, file_sha256, fsync_dir, fsync_file
 from trainer.run.run_settings import write_settings
 
 STATE_FILE = "trainer_state.json"
@@ -222,25 +222,6 @@ def find_resume(output_dir: str | os.PathLike[str], resume: str) -> Path | None:
     )
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 16 MiB pieces."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(16 << 20):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def trained_state_intact(ckpt_dir: Path, state: dict[str, Any]) -> bool:
     """The trained weights still have the checksum recorded at commit (older records have none)."""
     expected = state.get("trainable_sha256")
@@ -260,7 +241,7 @@ def commit(root: str | os.PathLike[str], tag: str, state: dict[str, Any], keep_l
     # Everything the record lists is on disk before the record exists (a power cut must not leave a
     # commit record over files still in the page cache).
     for rel in manifest:
-        _fsync_file(ckpt_dir / rel)
+        fsync_file(ckpt_dir / rel)
     for folder in {(ckpt_dir / rel).parent for rel in manifest}:
         fsync_dir(folder)
     state = {**state, "tag": tag, "manifest": manifest}
