@@ -49,6 +49,7 @@ from data_tools.settings import (
     with_model_pixels,
 )
 from data_tools.sources import (
+    INPUT_FORMATS,
     Conversation,
     Source,
     load_image_bytes,
@@ -474,7 +475,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--format",
-        choices=["messages", "llava", "kodoc"],
+        choices=INPUT_FORMATS,
         default=None,
         help="row layout (default: detected from the first row)",
     )

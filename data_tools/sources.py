@@ -48,7 +48,11 @@ from data_tools import json_rows
 from data_tools.errors import BuildError
 from data_tools.samples import SampleError
 
-ROW_FORMATS = ("messages", "llava", "kodoc", "records")
+INPUT_FORMATS: tuple[str, ...] = ("messages", "llava", "kodoc")
+"""The row layouts a user names (``build --format``, the trainer's ``data.source_format``); unnamed,
+the layout is detected from the first rows."""
+ROW_FORMATS: tuple[str, ...] = (*INPUT_FORMATS, "records")
+"""Every layout the normaliser reads: the input formats and ``records`` (synth's rows, with meta)."""
 IMAGE_MARKER = "<image>"
 ROLE_ALIASES = {
     "user": "user",
@@ -193,10 +197,10 @@ def open_source(
         if row_format is None:
             raise BuildError(
                 f"--source {spec}: cannot tell the row layout from the first rows; pass --format "
-                "messages|llava|kodoc"
+                f"{'|'.join(INPUT_FORMATS)}"
             )
     elif row_format not in ROW_FORMATS:
-        raise BuildError(f"--format {row_format}: use one of {', '.join(ROW_FORMATS[:3])}")
+        raise BuildError(f"--format {row_format}: use one of {', '.join(INPUT_FORMATS)}")
     return Source(spec=spec, container=container, row_format=row_format, splits=data, base_dir=base_dir)
 
 

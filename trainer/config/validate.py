@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_tools.sources import INPUT_FORMATS
 from trainer.config.schema import _CHOICES, REPORT_TO_CHOICES, ConfigError, TrainConfig, to_dict
 
 
@@ -104,8 +105,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             "model.name_or_path is not set; pass --model_name_or_path PATH or set model.name_or_path"
         )
-    if config.data.source_format not in ("", "messages", "llava", "kodoc"):
-        raise ConfigError(f"data.source_format {config.data.source_format!r}: use messages, llava or kodoc")
+    if config.data.source_format not in ("", *INPUT_FORMATS):
+        raise ConfigError(
+            f"data.source_format {config.data.source_format!r}: use {', '.join(INPUT_FORMATS[:-1])} or "
+            f"{INPUT_FORMATS[-1]}"
+        )
     if not config.data.train and not config.data.source:
         raise ConfigError(
             "data.train is not set; pass --dataset_args DATASET_OR_SHARDS[train:N,test:M] or set data.train "
