@@ -24,7 +24,7 @@ from torch import nn
 
 from trainer.model.diffusion import logits_at_positions
 from trainer.model.tokens import SpecialTokens
-from trainer.run.run_settings import BLOCK_SIZE
+from trainer.run.run_settings import BLOCK_SIZE, FLAGS
 
 
 @dataclass
@@ -68,14 +68,17 @@ class GenerationConfig:
             raise ValueError(f"padding_side={self.padding_side!r}: use 'right' or 'left'")
 
 
-RUN_FLAG_DEFAULTS: dict[str, Any] = {
-    "shift": False,
-    "max_new_tokens": GenerationConfig.max_new_tokens,
-    "block_size": GenerationConfig.block_size,
-    "min_pixels": None,
-    "max_pixels": None,
-}
-"""The built-in values of the flags a run's settings fill (None pixels: the processor's own)."""
+def _built_in_flag(name: str) -> Any:
+    """The built-in value of a flag a run's settings fill: ``GenerationConfig``'s default for a
+    decoding field, off for ``shift``, else None (the pixel bounds: the processor's own)."""
+    if name == "shift":
+        return False
+    return getattr(GenerationConfig, name, None)  # a dataclass field's default is a class attribute
+
+
+RUN_FLAG_DEFAULTS: dict[str, Any] = {name: _built_in_flag(name) for name in FLAGS}
+"""The built-in values of the flags a run's settings fill (:data:`trainer.run.run_settings.FLAGS`,
+which owns the list)."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from trainer.inference.generate import (
 from trainer.model.processor import load_processor
 from trainer.run import checkpoint as ckpt
 from trainer.run.run_settings import (
+    FLAGS,
     SETTINGS_FILE,
     generation_settings,
     read_settings,
@@ -470,6 +471,14 @@ def test_flags_given_win_over_the_run_settings() -> None:
     line = resolve_flags(args, None, None, RUN_FLAG_DEFAULTS)
     assert (args.shift, args.max_new_tokens, args.block_size, args.min_pixels) == (False, 32, 32, None)
     assert "none found" in line
+
+
+def test_the_run_flags_have_one_list_and_the_built_in_defaults() -> None:
+    # run_settings owns the list; generate's defaults are derived from it (one key per flag, in order).
+    assert tuple(RUN_FLAG_DEFAULTS) == FLAGS
+    defaults = GenerationConfig()
+    built_in = {"shift": False, "max_new_tokens": defaults.max_new_tokens, "block_size": defaults.block_size}
+    assert built_in | {"min_pixels": None, "max_pixels": None} == RUN_FLAG_DEFAULTS
 
 
 def test_exports_carry_the_run_settings_and_generate_reads_them(
