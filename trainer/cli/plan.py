@@ -87,7 +87,7 @@ def shards_main(argv: list[str]) -> int:
         for name in ("world_size", "micro_batch", "grad_accum", "max_tokens"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        specs = [parse_shard_spec(s) for s in args.shards]
+        specs = [parse_shard_spec(s, "--shards") for s in args.shards]
         catalog = load_catalog([d for d, _ in specs])
         spec = PlanSpec(
             weights=tuple(w for _, w in specs),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,7 @@ def validate(config: TrainConfig) -> None:
             f"data.source_format {config.data.source_format!r}: use {', '.join(INPUT_FORMATS[:-1])} or "
             f"{INPUT_FORMATS[-1]}"
         )
+    parse_shard_specs(config.data.train, "data.train")  # the weights
     if not config.data.train and not config.data.source:
         raise ConfigError(
             "data.train is not set; pass --dataset_args DATASET_OR_SHARDS[train:N,test:M] or set data.train "
@@ -130,7 +133,7 @@ def check_paths(config: TrainConfig) -> None:
         raise ConfigError(
             f"model.name_or_path {config.model.name_or_path!r} does not exist; pass a Qwen3-VL model folder"
         )
-    sets = [("data.train", _shard_dir(spec)) for spec in config.data.train]
+    sets = [("data.train", path) for path in parse_shard_specs(config.data.train, "data.train")[0]]
     for key, path in [*sets, ("data.test", config.data.test)]:
         if path and not (Path(path) / "index.json").is_file():
             raise ConfigError(
@@ -138,14 +141,26 @@ def check_paths(config: TrainConfig) -> None:
             )
 
 
-def _shard_dir(spec: str) -> str:
-    """``DIR`` of a ``DIR[:WEIGHT]`` shard-set spec."""
+def parse_shard_spec(spec: str, source: str) -> tuple[str, float]:
+    """A ``DIR[:WEIGHT]`` shard-set spec: ``"DIR"`` -> (DIR, 1.0); ``"DIR:WEIGHT"`` -> (DIR, WEIGHT). A
+    suffix that is not a number stays in DIR. The one parser of the config's ``data.train`` and the
+    ``plan --shards`` flag; ``source`` names where the spec came from in the error ("data.train")."""
     head, sep, tail = spec.rpartition(":")
-    try:
-        float(tail)
-    except ValueError:
-        return spec
-    return head if sep and head else spec
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"{source} {spec!r}: the weight must be a finite number >= 0")
+        return head, weight
+    return spec, 1.0
+
+
+def parse_shard_specs(specs: Sequence[str], source: str) -> tuple[list[str], list[float]]:
+    """Several ``DIR[:WEIGHT]`` specs -> (dirs, weights); see :func:`parse_shard_spec`."""
+    parsed = [parse_shard_spec(spec, source) for spec in specs]
+    return [d for d, _ in parsed], [w for _, w in parsed]
 
 
 def config_hash(config: TrainConfig) -> str:

@@ -28,7 +28,6 @@ import bisect
 import hashlib
 import itertools
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any, overload
 import numpy as np
 
 from data_tools.index import SampleTable, read_index, read_table
+from trainer.config.validate import parse_shard_spec, parse_shard_specs
 
 __all__ = [
     "Catalog",
@@ -160,26 +160,6 @@ def load_catalog(shard_dirs: Sequence[str | Path], limit: int = 0) -> Catalog:
     parts = [table.num_tokens[:size] for table, size in zip(tables, sizes, strict=True)]
     num_tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return Catalog(directories, tables, shard_paths, set_start, num_tokens, fingerprints)
-
-
-def parse_shard_spec(spec: str) -> tuple[str, float]:
-    """`"DIR"` -> (DIR, 1.0); `"DIR:WEIGHT"` -> (DIR, WEIGHT). A suffix that is not a number stays in DIR."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return spec, 1.0
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"--shards {spec!r}: the weight must be a finite number >= 0")
-        return head, weight
-    return spec, 1.0
-
-
-def parse_shard_specs(specs: Sequence[str]) -> tuple[list[str], list[float]]:
-    """Several `DIR[:WEIGHT]` specs -> (dirs, weights)."""
-    parsed = [parse_shard_spec(spec) for spec in specs]
-    return [d for d, _ in parsed], [w for _, w in parsed]
 
 
 class Packs(Sequence[tuple[int, ...]]):

@@ -18,7 +18,7 @@ def plan_spec(config: TrainConfig, world_size: int) -> PlanSpec:
     """The epoch-plan settings of a run (what every rank's loader plans with)."""
     from trainer.data import PlanSpec, parse_shard_specs
 
-    _, weights = parse_shard_specs(config.data.train)
+    _, weights = parse_shard_specs(config.data.train, "data.train")
     s = config.schedule
     return PlanSpec(
         weights=tuple(weights),
@@ -34,7 +34,7 @@ def config_plan(config: TrainConfig, world_size: int, epoch: int = 0) -> tuple[C
     """The catalog of ``data.train`` and the plan of one epoch, as every rank's loader computes it."""
     from trainer.data import Planner, load_catalog, parse_shard_specs
 
-    dirs, _ = parse_shard_specs(config.data.train)
+    dirs, _ = parse_shard_specs(config.data.train, "data.train")
     catalog = load_catalog(dirs, config.data.limit_train)
     return catalog, Planner(catalog, plan_spec(config, world_size)).plan(epoch)
 

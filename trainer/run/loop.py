@@ -123,7 +123,7 @@ def build_train_loader(
     """This rank's ``TrainLoader``, positioned at the resumed step."""
     from trainer.data import TrainLoader, parse_shard_specs
 
-    dirs, weights = parse_shard_specs(config.data.train)
+    dirs, weights = parse_shard_specs(config.data.train, "data.train")
     return TrainLoader(
         dirs,
         weights,

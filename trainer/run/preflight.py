@@ -63,7 +63,7 @@ def check_shard_sets(config: TrainConfig) -> None:
     from data_tools.shards import check_files
     from trainer.data import parse_shard_specs
 
-    dirs, _ = parse_shard_specs(config.data.train)
+    dirs, _ = parse_shard_specs(config.data.train, "data.train")
     model_files = tokenizer_files_sha256(config.model.name_or_path)
     model_fingerprint = None
     for directory in [*dirs, *([config.data.test] if config.data.test else [])]:

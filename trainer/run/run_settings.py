@@ -53,7 +53,7 @@ def generation_settings(config: TrainConfig) -> dict[str, Any]:
     from data_tools.index import read_index, read_table
     from trainer.data import parse_shard_specs
 
-    dirs, _ = parse_shard_specs(config.data.train)
+    dirs, _ = parse_shard_specs(config.data.train, "data.train")
     indexes = [read_index(directory) for directory in dirs]
     builds = [index.get("build", {}) for index in indexes]
     first = builds[0]

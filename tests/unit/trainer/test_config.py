@@ -22,6 +22,8 @@ from trainer.config import (
     check_paths,
     config_hash,
     load_config,
+    parse_shard_spec,
+    parse_shard_specs,
     write_run_files,
 )
 
@@ -220,6 +222,26 @@ def test_check_paths(tmp_path: Path) -> None:
     cfg = load_config(None, {**BASE, "model.name_or_path": str(tmp_path / "model")})
     with pytest.raises(ConfigError, match=r"data.train '/nonexistent/shards' has no index.json"):
         check_paths(cfg)
+
+
+@pytest.mark.parametrize("weight", ["-1", "inf", "nan"])
+def test_a_bad_shard_weight_breaks_one_rule_named_by_where_it_came_from(
+    weight: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.cli.plan import shards_main
+
+    spec = f"{tmp_path}:{weight}"
+    rule = f"{spec!r}: the weight must be a finite number >= 0"
+    with pytest.raises(ConfigError) as config_error:
+        load_config(None, {**BASE, "data.train": [spec]})
+    assert str(config_error.value) == f"data.train {rule}"
+    assert shards_main(["--shards", spec, "--max-tokens", "64"]) == 2
+    assert capsys.readouterr().err == f"plan: --shards {rule}\n"
+    # A suffix that is not a number is part of the folder name, in both places.
+    assert parse_shard_spec(f"{tmp_path}:v2", "data.train") == (f"{tmp_path}:v2", 1.0)
+    assert parse_shard_specs([f"{tmp_path}:0.5", str(tmp_path)], "--shards") == (
+        [str(tmp_path)] * 2, [0.5, 1.0],
+    )  # fmt: skip
 
 
 def test_deepspeed_json_filled_from_config() -> None:
