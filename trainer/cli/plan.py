@@ -89,11 +89,13 @@ def shards_main(argv: list[str]) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         specs = [parse_shard_spec(s, "--shards") for s in args.shards]
         catalog = load_catalog([d for d, _ in specs])
-        spec = PlanSpec(
-            weights=tuple(w for _, w in specs),
+        spec = PlanSpec.of_steps(
+            [w for _, w in specs],
             seed=args.seed,
             max_tokens=args.max_tokens,
-            packs_per_step=args.world_size * args.micro_batch * args.grad_accum,
+            micro_batch=args.micro_batch,
+            grad_accum=args.grad_accum,
+            world_size=args.world_size,
             drop_remainder=args.drop_remainder,
             window=args.window,
             packing=not args.no_packing,

@@ -18,6 +18,7 @@ from trainer.data.plan import (
     load_catalog,
     parse_shard_spec,
     parse_shard_specs,
+    plan_args,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "load_catalog",
     "parse_shard_spec",
     "parse_shard_specs",
+    "plan_args",
 ]

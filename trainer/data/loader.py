@@ -268,16 +268,13 @@ class TrainLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.catalog = load_catalog(shard_dirs, limit)
-        weights = (
-            tuple(float(w) for w in weights)
-            if weights is not None
-            else (1.0,) * len(self.catalog.directories)
-        )
-        self.spec = PlanSpec(
-            weights=weights,
+        self.spec = PlanSpec.of_steps(
+            (1.0,) * len(self.catalog.directories) if weights is None else weights,
             seed=seed,
             max_tokens=max_tokens,
-            packs_per_step=micro_batch * grad_accum * world_size,
+            micro_batch=micro_batch,
+            grad_accum=grad_accum,
+            world_size=world_size,
             drop_remainder=drop_remainder,
             window=window,
             packing=packing,

@@ -31,12 +31,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from data_tools.index import SampleTable, read_index, read_table
 from trainer.config.validate import parse_shard_spec, parse_shard_specs
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 __all__ = [
     "Catalog",
@@ -49,6 +52,7 @@ __all__ = [
     "load_catalog",
     "parse_shard_spec",
     "parse_shard_specs",
+    "plan_args",
 ]
 
 # Seed-sequence tags keep the random streams of different purposes independent.
@@ -291,6 +295,38 @@ class PlanSpec:
     packing: bool = True
     """False: one sample per pack (no packing)."""
 
+    @classmethod
+    def of_steps(
+        cls,
+        weights: Sequence[float],
+        *,
+        seed: int,
+        max_tokens: int,
+        micro_batch: int,
+        grad_accum: int,
+        world_size: int,
+        drop_remainder: bool = False,
+        window: int = 64,
+        packing: bool = True,
+    ) -> PlanSpec:
+        """The spec of global steps of ``micro_batch * grad_accum * world_size`` packs: the one
+        constructor of `TrainLoader`, :meth:`from_config` and ``plan --shards``."""
+        return cls(
+            weights=tuple(float(w) for w in weights),
+            seed=seed,
+            max_tokens=max_tokens,
+            packs_per_step=micro_batch * grad_accum * world_size,
+            drop_remainder=drop_remainder,
+            window=window,
+            packing=packing,
+        )
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, world_size: int) -> PlanSpec:
+        """The spec a run's loaders plan with (the loop passes :func:`plan_args` to `TrainLoader`, the
+        dry run and the ``plan`` command take this): the planned run is the trained one by construction."""
+        return cls.of_steps(**plan_args(config), world_size=world_size)
+
     def fingerprint(self, catalog: Catalog) -> str:
         """A short hash of everything that determines the plan (for resume checks)."""
         blob = json.dumps(
@@ -303,6 +339,20 @@ class PlanSpec:
             }
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan_args(config: TrainConfig) -> dict[str, Any]:
+    """The settings of a run that decide its plan besides the world size, as `TrainLoader` (and
+    :meth:`PlanSpec.of_steps`) take them: mixing weights, seed, tokens per row, batch split, options."""
+    return {
+        "weights": parse_shard_specs(config.data.train, "data.train")[1],
+        "seed": config.seed,
+        "max_tokens": config.data.max_tokens,
+        "micro_batch": config.schedule.micro_batch_size,
+        "grad_accum": config.schedule.grad_accum_steps,
+        "drop_remainder": config.data.drop_remainder,
+        "packing": config.data.packing,
+    }
 
 
 @dataclass

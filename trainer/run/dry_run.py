@@ -11,32 +11,16 @@ import torch
 from trainer.config import TrainConfig, dump_yaml, global_batch_size, zero_stage
 
 if TYPE_CHECKING:
-    from trainer.data import Catalog, EpochPlan, PlanSpec
-
-
-def plan_spec(config: TrainConfig, world_size: int) -> PlanSpec:
-    """The epoch-plan settings of a run (what every rank's loader plans with)."""
-    from trainer.data import PlanSpec, parse_shard_specs
-
-    _, weights = parse_shard_specs(config.data.train, "data.train")
-    s = config.schedule
-    return PlanSpec(
-        weights=tuple(weights),
-        seed=config.seed,
-        max_tokens=config.data.max_tokens,
-        packs_per_step=s.micro_batch_size * s.grad_accum_steps * world_size,
-        packing=config.data.packing,
-        drop_remainder=config.data.drop_remainder,
-    )
+    from trainer.data import Catalog, EpochPlan
 
 
 def config_plan(config: TrainConfig, world_size: int, epoch: int = 0) -> tuple[Catalog, EpochPlan]:
     """The catalog of ``data.train`` and the plan of one epoch, as every rank's loader computes it."""
-    from trainer.data import Planner, load_catalog, parse_shard_specs
+    from trainer.data import Planner, PlanSpec, load_catalog, parse_shard_specs
 
     dirs, _ = parse_shard_specs(config.data.train, "data.train")
     catalog = load_catalog(dirs, config.data.limit_train)
-    return catalog, Planner(catalog, plan_spec(config, world_size)).plan(epoch)
+    return catalog, Planner(catalog, PlanSpec.from_config(config, world_size)).plan(epoch)
 
 
 def plan_lines(config: TrainConfig, catalog: Catalog, plan: EpochPlan, world_size: int) -> list[str]:

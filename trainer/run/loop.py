@@ -121,23 +121,17 @@ def build_train_loader(
     config: TrainConfig, info: DistInfo, processor: Any, resume_state: dict[str, Any] | None
 ) -> TrainLoader:
     """This rank's ``TrainLoader``, positioned at the resumed step."""
-    from trainer.data import TrainLoader, parse_shard_specs
+    from trainer.data import TrainLoader, parse_shard_specs, plan_args
 
-    dirs, weights = parse_shard_specs(config.data.train, "data.train")
+    dirs, _ = parse_shard_specs(config.data.train, "data.train")
     return TrainLoader(
         dirs,
-        weights,
+        **plan_args(config),  # what PlanSpec.from_config (the dry run, `plan`) plans with
         rank=info.rank,
         world_size=info.world_size,
-        micro_batch=config.schedule.micro_batch_size,
-        grad_accum=config.schedule.grad_accum_steps,
-        max_tokens=config.data.max_tokens,
-        seed=config.seed,
         processor=processor,
         num_workers=config.data.num_workers,
         pin_memory=info.device.type == "cuda",
-        packing=config.data.packing,
-        drop_remainder=config.data.drop_remainder,
         limit=config.data.limit_train,
         resume=resume_state["data"] if resume_state else None,
     )

@@ -16,8 +16,7 @@ from trainer.__main__ import main as trainer_main
 from trainer.cli.train_help import MULTI_KEY_ALIASES, field_docs, format_default, train_help
 from trainer.config import ALIASES, LoraConfig, TrainConfig, _all_keys, load_config
 from trainer.data import Planner, load_catalog
-from trainer.data.plan import plan_summary
-from trainer.run.dry_run import plan_spec
+from trainer.data.plan import PlanSpec, plan_summary
 
 
 def _default(key: str) -> Any:
@@ -92,7 +91,7 @@ def test_plan_takes_config_and_overrides_like_train(tmp_path: Path, capsys: pyte
     printed = json.loads(capsys.readouterr().out)
     config = load_config(recipe, overrides)
     catalog = load_catalog([str(tmp_path / "set")], limit=20)
-    expected = plan_summary(Planner(catalog, plan_spec(config, 2)).plan(0), catalog, 2)
+    expected = plan_summary(Planner(catalog, PlanSpec.from_config(config, 2)).plan(0), catalog, 2)
     assert printed == expected and printed["packs_per_step"] == 4 and printed["num_samples"] == 20
     assert trainer_main(["plan", f"--config={recipe}", "--epoch", "1"]) == 0
     text = capsys.readouterr().out

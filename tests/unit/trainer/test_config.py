@@ -331,7 +331,7 @@ def test_only_the_global_answer_token_normaliser_is_accepted() -> None:
 
 
 def test_drop_remainder_reaches_the_plan(tmp_path: Path) -> None:
-    from trainer.run.dry_run import plan_spec
+    from trainer.data.plan import PlanSpec
 
     overrides = {
         "data.drop_remainder": True,
@@ -339,7 +339,7 @@ def test_drop_remainder_reaches_the_plan(tmp_path: Path) -> None:
         "data.train": [str(tmp_path)],
     }
     config = load_config(None, overrides)
-    assert plan_spec(config, world_size=2).drop_remainder is True
+    assert PlanSpec.from_config(config, world_size=2).drop_remainder is True
 
 
 def _fake_wandb_installed(monkeypatch: pytest.MonkeyPatch) -> None:

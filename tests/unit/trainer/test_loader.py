@@ -72,6 +72,33 @@ def _loader(shard_dir: Path, processor: Any, **kwargs: Any) -> TrainLoader:
     return TrainLoader([shard_dir], **settings)
 
 
+def test_the_dry_run_plans_what_the_loop_s_loader_trains(shard_dir: Path, processor: Any) -> None:
+    from trainer.config import load_config
+    from trainer.data import PlanSpec
+    from trainer.run.distributed import DistInfo
+    from trainer.run.dry_run import config_plan
+    from trainer.run.loop import build_train_loader
+
+    overrides = {
+        "model.name_or_path": str(shard_dir),
+        "data.train": [f"{shard_dir}:0.5", f"{shard_dir}:1.5"],
+        "data.max_tokens": MAX_TOKENS,
+        "data.drop_remainder": True,
+        "data.num_workers": 0,
+        "seed": 5,
+        "schedule.micro_batch_size": 1,
+        "schedule.grad_accum_steps": 2,
+    }
+    config = load_config(None, overrides)
+    info = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    loader = build_train_loader(config, info, processor, None)
+    assert loader.spec == PlanSpec.from_config(config, world_size=2)
+    assert loader.spec.weights == (0.5, 1.5) and loader.spec.packs_per_step == 4
+    catalog, plan = config_plan(config, world_size=2)  # what train --dry-run and `plan` report
+    assert loader.plan_fingerprint == loader.spec.fingerprint(catalog)
+    assert plan.packs == loader.plan(0).packs and plan.num_steps == loader.num_steps(0)
+
+
 def test_every_sample_once_per_epoch_on_two_ranks_with_two_workers(shard_dir: Path, processor: Any) -> None:
     all_keys = {s["key"] for s in read_table(shard_dir).entries()}
     seen: list[str] = []
