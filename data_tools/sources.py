@@ -39,18 +39,21 @@ import json
 import os
 import re
 import stat
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from data_tools import json_rows
 from data_tools.errors import BuildError
 from data_tools.samples import SampleError
 
-INPUT_FORMATS: tuple[str, ...] = ("messages", "llava", "kodoc")
-"""The row layouts a user names (``build --format``, the trainer's ``data.source_format``); unnamed,
-the layout is detected from the first rows."""
+InputFormat = Literal["messages", "llava", "kodoc"]
+"""The type of a row layout a user names (``build --format``, the trainer's ``data.source_format``);
+unnamed, the layout is detected from the first rows."""
+INPUT_FORMATS: tuple[str, ...] = typing.get_args(InputFormat)
+"""The row layouts a user names, in order."""
 ROW_FORMATS: tuple[str, ...] = (*INPUT_FORMATS, "records")
 """Every layout the normaliser reads: the input formats and ``records`` (synth's rows, with meta)."""
 IMAGE_MARKER = "<image>"

@@ -58,7 +58,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def type_name(hint: Any) -> str:
-    """``int``, ``list[str]``, ...: the type as the help shows it."""
+    """``int``, ``list[str]``, ``{linear,cosine}`` (a choice), ...: the type as the help shows it."""
+    if typing.get_origin(hint) is typing.Literal:
+        return "{" + ",".join(str(choice) or '""' for choice in typing.get_args(hint)) + "}"
     return str(hint) if typing.get_origin(hint) else hint.__name__
 
 

@@ -3,7 +3,7 @@
 Resolution order: dataclass defaults -> ``--config FILE.yaml`` -> dotted CLI overrides
 (``--optim.lr 1e-4``) and Hugging Face ``Trainer``-style flat aliases (``--learning_rate 1e-4``).
 
-- `schema`: the dataclass tree, its defaults and choice lists, ``ConfigError``.
+- `schema`: the dataclass tree, its defaults and choices (``Literal`` fields, ``choice_fields``), ``ConfigError``.
 - `overrides`: YAML, dotted CLI overrides, HF aliases, coercion (``load_config``, ``build_config``).
 - `validate`: static and file-system checks, ``RESUME_DEFINING_KEYS`` / ``resume_changes``.
 - `deepspeed`: the DeepSpeed JSON filled from the tree (``build_deepspeed_config``), run files.
@@ -42,6 +42,7 @@ from trainer.config.schema import (
     ScheduleConfig,
     TrainConfig,
     _all_keys,
+    choice_fields,
     to_dict,
 )
 from trainer.config.validate import (
@@ -82,6 +83,7 @@ __all__ = [
     "build_config",
     "build_deepspeed_config",
     "check_paths",
+    "choice_fields",
     "config_hash",
     "dump_yaml",
     "global_batch_size",

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
-BACKENDS: tuple[str, ...] = ("sdpa", "eager", "flex", "flash")
+import typing
+from typing import Literal
+
+Backend = Literal["sdpa", "eager", "flex", "flash"]
+"""The type of a backend name."""
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 """Names accepted as ``backend``."""
 
 ALIASES: dict[str, str] = {
@@ -14,5 +19,7 @@ ALIASES: dict[str, str] = {
 }
 """Every accepted spelling (ours and Hugging Face's) -> backend."""
 
-CONFIG_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
-"""Values of ``model.attn_implementation`` (``auto`` picks the best installed backend)."""
+AttnImplementation = Literal["auto", Backend]
+"""The type of ``model.attn_implementation`` (``auto`` picks the best installed backend)."""
+CONFIG_CHOICES: tuple[str, ...] = typing.get_args(AttnImplementation)
+"""Values of ``model.attn_implementation``."""

@@ -138,6 +138,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return [_coerce(v, item_hint, key, source) for v in value]
     if origin in (typing.Union, types.UnionType):
         raise AssertionError(f"union types are not used in the config tree ({key})")
+    if origin is typing.Literal:  # a choice: coerced to its values' type here, checked by validate
+        hint = type(typing.get_args(hint)[0])
     try:
         if hint is bool:
             if isinstance(value, bool):

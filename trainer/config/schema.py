@@ -1,4 +1,4 @@
-"""The configuration tree of a training run: its dataclasses, their defaults and the choice lists.
+"""The configuration tree of a training run: its dataclasses, their defaults and choices (``Literal`` types).
 
 ``trainer.config`` re-exports every public name (``from trainer.config import TrainConfig``); the
 rest of the room reads and checks this tree: ``overrides`` (YAML, dotted CLI overrides, Hugging Face
@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from trainer.config.attention_names import CONFIG_CHOICES
+from data_tools.sources import InputFormat
+from trainer.config.attention_names import AttnImplementation
 
 DEFAULT_T_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 """Midpoints of 5 equal bins of (0, 1): the NELBO quadrature (``eval.t_grid``, ``evaluate --t-grid``)."""
@@ -28,7 +29,7 @@ DEFAULT_ACCURACY_T: tuple[float, ...] = (0.15, 0.5, 1.0)
 class ModelConfig:
     name_or_path: str = "Qwen/Qwen3-VL-2B-Instruct"
     """Hugging Face model folder (or hub id available in the local cache) of a Qwen3-VL checkpoint."""
-    attn_implementation: str = "auto"
+    attn_implementation: AttnImplementation = "auto"
     """Packed bidirectional attention backend: auto | flash | flex | sdpa (auto = best installed)."""
     gradient_checkpointing: bool = False
     """Recompute language-model activations in backward to save memory."""
@@ -62,7 +63,7 @@ class LoraConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"
+    schedule: Literal["linear", "cosine"] = "linear"
     """Masking schedule alpha(t): linear (p_mask = t) or cosine."""
     eps: float = 1e-3
     """Smallest t drawn, t in [eps, 1)."""
@@ -70,7 +71,7 @@ class DiffusionConfig:
     """Stratify t across the sub-sequences of a micro-batch (lower-variance estimator)."""
     shift: bool = False
     """Position i-1 predicts token i (Dream / DiffuLLaMA style AR adaptation)."""
-    normalizer: str = "answer_tokens"
+    normalizer: Literal["answer_tokens"] = "answer_tokens"
     """Loss normaliser: answer_tokens, the global count across micro-batches and ranks (the only one:
     the gradient then does not depend on packing or sharding; docs/DESIGN.md §3)."""
     pad_weight: float = 1.0
@@ -112,7 +113,7 @@ class DataConfig:
     ``cache_dir`` (the other ranks wait), ``train``/``test`` then point there, and a later run with the
     same source, slice, tokenizer and build settings reuses them. The held-out set is the source's
     ``test`` (or ``validation``) split, else the rows after the training rows."""
-    source_format: str = ""
+    source_format: Literal["", InputFormat] = ""
     """Row layout of ``source``: messages | llava | kodoc ("" = detected from the first rows)."""
     cache_dir: str = ""
     """Where shards built from ``source`` go ("" = ``shard-cache/`` beside ``output_dir``; it must be
@@ -147,7 +148,7 @@ class ScheduleConfig:
     """Micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)."""
     global_batch_size: int = 0
     """Rows per optimizer step over all ranks; 0 = micro_batch_size * grad_accum_steps * world size."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate schedule after warmup: cosine | linear | constant."""
     warmup_ratio: float = 0.03
     """Warmup as a fraction of the total steps."""
@@ -220,7 +221,7 @@ class EvalConfig:
 class DeepSpeedConfig:
     config: str = "zero2"
     """DeepSpeed template: zero2 | zero3 | zero3_offload (from ds_configs/) or a path to a JSON file."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto | bf16 | fp16 | fp32 (auto = bf16 on a GPU that supports it, fp32 on CPU)."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere and newer GPUs."""
@@ -263,15 +264,6 @@ class TrainConfig:
     """Process-group settings."""
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "model.attn_implementation": CONFIG_CHOICES,
-    "diffusion.schedule": ("linear", "cosine"),
-    "diffusion.normalizer": ("answer_tokens",),
-    "schedule.lr_scheduler": ("cosine", "linear", "constant"),
-    "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
-}
-
-
 class ConfigError(ValueError):
     """A user error in the configuration: its message is one line naming the input and the fix."""
 
@@ -287,6 +279,18 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def choice_fields(cls: type = TrainConfig, prefix: str = "") -> dict[str, tuple[Any, ...]]:
+    """Dotted key -> the values its ``Literal`` type allows, for every choice field of the tree (the
+    one list of each choice: ``validate`` checks them, ``train --help`` shows them)."""
+    choices: dict[str, tuple[Any, ...]] = {}
+    for name, hint in _field_types(cls).items():
+        if dataclasses.is_dataclass(hint):
+            choices.update(choice_fields(hint, f"{prefix}{name}."))
+        elif typing.get_origin(hint) is Literal:
+            choices[f"{prefix}{name}"] = typing.get_args(hint)
+    return choices
 
 
 def _all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_tools.sources import INPUT_FORMATS
-from trainer.config.schema import _CHOICES, REPORT_TO_CHOICES, ConfigError, TrainConfig, to_dict
+from trainer.config.schema import REPORT_TO_CHOICES, ConfigError, TrainConfig, choice_fields, to_dict
 
 
 def resolve_report_to(names: str | list[str]) -> list[str]:
@@ -42,11 +41,12 @@ def validate(config: TrainConfig) -> None:
     """Static checks that need no file system, no torch and no process group."""
     # The tree keeps the backends to start (`all` / `none` expanded); a missing package fails here.
     config.logging.report_to = resolve_report_to(config.logging.report_to)
-    for key, choices in _CHOICES.items():
-        group, name = key.split(".")
-        value = getattr(getattr(config, group), name)
+    for key, choices in choice_fields().items():
+        group, _, name = key.rpartition(".")
+        value = getattr(getattr(config, group) if group else config, name)
         if value not in choices:
-            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+            shown = ", ".join(str(choice) or '""' for choice in choices)
+            raise ConfigError(f"{key} = {value!r} is not one of {shown}")
     s = config.schedule
     positive = {
         "schedule.micro_batch_size": s.micro_batch_size,
@@ -106,11 +106,6 @@ def validate(config: TrainConfig) -> None:
     if not config.model.name_or_path:
         raise ConfigError(
             "model.name_or_path is not set; pass --model_name_or_path PATH or set model.name_or_path"
-        )
-    if config.data.source_format not in ("", *INPUT_FORMATS):
-        raise ConfigError(
-            f"data.source_format {config.data.source_format!r}: use {', '.join(INPUT_FORMATS[:-1])} or "
-            f"{INPUT_FORMATS[-1]}"
         )
     parse_shard_specs(config.data.train, "data.train")  # the weights
     if not config.data.train and not config.data.source:

@@ -20,6 +20,7 @@ from trainer.config import (
     build_config,
     build_deepspeed_config,
     check_paths,
+    choice_fields,
     config_hash,
     load_config,
     parse_shard_spec,
@@ -321,6 +322,26 @@ def test_shipped_recipes_load() -> None:
     assert ko.deepspeed.precision == "bf16" and ko.deepspeed.tf32 is True
     for name in ("zero2", "zero3", "zero3_offload"):
         json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+
+
+def test_every_choice_is_a_literal_field_checked_in_one_place() -> None:
+    from data_tools.sources import INPUT_FORMATS
+    from trainer.cli.train_help import train_help
+    from trainer.config.attention_names import CONFIG_CHOICES
+
+    choices = choice_fields()
+    assert choices["model.attn_implementation"] == CONFIG_CHOICES
+    assert choices["data.source_format"] == ("", *INPUT_FORMATS)
+    assert choices["schedule.lr_scheduler"] == ("cosine", "linear", "constant")
+    text = train_help()
+    for key, allowed in choices.items():
+        shown = [str(choice) or '""' for choice in allowed]
+        with pytest.raises(
+            ConfigError, match=rf"^{re.escape(key)} = 'nope' is not one of {', '.join(shown)}$"
+        ):
+            load_config(None, {**BASE, key: "nope"})
+        assert f"  --{key} {{{','.join(shown)}}} (default: " in text
+        assert load_config(None, {**BASE, key: allowed[-1]})  # every listed value passes
 
 
 def test_only_the_global_answer_token_normaliser_is_accepted() -> None:
