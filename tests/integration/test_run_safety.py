@@ -84,6 +84,7 @@ def test_resume_that_changes_the_computation_is_refused_unless_allowed(
         [*args, "--resume", "auto", "--logging.log_every", "3", "--save_steps", "9", "--dry-run"], capsys
     )
     assert code == 0, err
+    assert "train: resuming with changed settings: " in err and "checkpoint.save_every: " in err
     code, err = run_main([*changed, "--allow_config_change", "--dry-run"], capsys)
     assert code == 0, err
 

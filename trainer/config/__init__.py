@@ -5,7 +5,7 @@ Resolution order: dataclass defaults -> ``--config FILE.yaml`` -> dotted CLI ove
 
 - `schema`: the dataclass tree, its defaults and choices (``Literal`` fields, ``choice_fields``), ``ConfigError``.
 - `overrides`: YAML, dotted CLI overrides, HF aliases, coercion (``load_config``, ``build_config``).
-- `validate`: static and file-system checks, ``RESUME_DEFINING_KEYS`` / ``resume_changes``.
+- `validate`: static and file-system checks, the resume rule (``RESUME_DEFINING_KEYS``, ``resume_changes``).
 - `deepspeed`: the DeepSpeed JSON filled from the tree (``build_deepspeed_config``), run files.
 - `attention_names`: the attention backend names; `launch_env`: RANK / WORLD_SIZE from the launcher.
 
@@ -47,8 +47,10 @@ from trainer.config.schema import (
 )
 from trainer.config.validate import (
     RESUME_DEFINING_KEYS,
+    RESUME_IGNORED_KEYS,
     check_paths,
     config_hash,
+    other_resume_changes,
     parse_shard_spec,
     parse_shard_specs,
     resolve_report_to,
@@ -66,6 +68,7 @@ __all__ = [
     "HIDDEN_SIZE_AUTO_KEYS",
     "REPORT_TO_CHOICES",
     "RESUME_DEFINING_KEYS",
+    "RESUME_IGNORED_KEYS",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
@@ -88,6 +91,7 @@ __all__ = [
     "dump_yaml",
     "global_batch_size",
     "load_config",
+    "other_resume_changes",
     "parse_overrides",
     "parse_shard_spec",
     "parse_shard_specs",

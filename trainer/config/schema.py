@@ -179,8 +179,9 @@ class CheckpointConfig:
     """Start fresh in an output_dir that holds another run's checkpoints, removing them and its
     metrics first (HF ``--overwrite_output_dir``); without it such a start is refused."""
     allow_config_change: bool = False
-    """Resume even though the config changes what the run computes (data, seed, model, LoRA shape,
-    max tokens); the differences are logged."""
+    """Resume even though the config changes what the run computes (the resume-defining keys: data
+    and its plan, seed, model, LoRA shape); the run goes on from the saved step with the new settings
+    and the differences are printed. Other settings may change on a resume without it."""
 
 
 REPORT_TO_CHOICES: tuple[str, ...] = ("tensorboard", "wandb")

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.config.schema import REPORT_TO_CHOICES, ConfigError, TrainConfig, choice_fields, to_dict
+from trainer.config.schema import (
+    REPORT_TO_CHOICES,
+    ConfigError,
+    TrainConfig,
+    _all_keys,
+    choice_fields,
+    to_dict,
+)
 
 
 def resolve_report_to(names: str | list[str]) -> list[str]:
@@ -185,20 +192,52 @@ RESUME_DEFINING_KEYS: tuple[str, ...] = (
     "lora.target_modules",
     "data.train",
     "data.max_tokens",
+    "data.packing",
+    "data.drop_remainder",
+    "data.limit_train",
 )
-"""Settings a resume may not change without ``checkpoint.allow_config_change``: they change what the
-run computes (the global batch and the ZeRO stage are checked separately, always)."""
+"""The settings a resume may not change unless allowed: what the model is and what it trains on (the
+model, the LoRA shape, the seed, the data and its plan). The one resume rule (``preflight`` applies it
+before any process group starts; docs/CONTRACTS.md, "Checkpoints and resume"):
+
+- the global batch and the ZeRO stage never change on a resume (``ResumeError``);
+- a change of one of these keys is a ``ResumeError`` listing the changes, unless
+  ``checkpoint.allow_config_change`` (``--allow_config_change``): the run then goes on from the saved
+  step with the new settings (a changed data plan from the saved epoch and step) and reports the
+  changes on one line;
+- any other setting (logging, evaluation and checkpoint cadence, workers, limits, optimizer and
+  schedule values, ...) may change: the change is reported on one line (:func:`other_resume_changes`),
+  never refused.
+
+The loader's plan fingerprint is the data-side guard of the same rule: shards rebuilt under the same
+folder change the plan without a key changing, and are refused the same way."""
+RESUME_IGNORED_KEYS: tuple[str, ...] = (
+    "output_dir",
+    "checkpoint.resume",
+    "checkpoint.overwrite_output_dir",
+    "checkpoint.allow_config_change",
+)
+"""Keys that say how this launch starts, not what the run is: never reported as resume changes."""
 
 
-def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """``key: old -> new`` for every :data:`RESUME_DEFINING_KEYS` entry that differs from ``saved``
-    (a checkpoint's stored config)."""
+def resume_changes(
+    saved: dict[str, Any], config: TrainConfig, keys: Sequence[str] = RESUME_DEFINING_KEYS
+) -> list[str]:
+    """``key: old -> new`` for every entry of ``keys`` (:data:`RESUME_DEFINING_KEYS`) that differs
+    from ``saved`` (a checkpoint's stored config; keys it lacks are not compared)."""
     now = to_dict(config)
     changes = []
-    for key in RESUME_DEFINING_KEYS:
+    for key in keys:
         group, _, name = key.rpartition(".")
         old = (saved.get(group, {}) if group else saved).get(name)
         new = (now[group] if group else now)[name]
         if old is not None and old != new:
             changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
+
+
+def other_resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The changes a resume may make freely: every key outside :data:`RESUME_DEFINING_KEYS` (and
+    :data:`RESUME_IGNORED_KEYS`) that differs from ``saved``."""
+    fixed = {*RESUME_DEFINING_KEYS, *RESUME_IGNORED_KEYS}
+    return resume_changes(saved, config, [key for key in _all_keys() if key not in fixed])

@@ -251,11 +251,14 @@ class TrainLoader:
         start_epoch: int = 0,
         start_step: int = 0,
         resume: Mapping[str, Any] | None = None,
+        allow_plan_change: bool = False,
         max_epochs: int | None = None,
     ) -> None:
         """See the class docstring; `processor` is a Qwen3-VL processor (`trainer.model.processor.load_processor`),
         `weights` one mixing weight per shard set (default 1 each), `limit` keeps the first N samples of
-        each set, `window` is the best-fit window and `packing=False` puts one sample per row."""
+        each set, `window` is the best-fit window and `packing=False` puts one sample per row;
+        `allow_plan_change` resumes a `resume` position taken under another plan (the resume rule's
+        ``checkpoint.allow_config_change``) instead of refusing it."""
         for name, value in (
             ("world_size", world_size),
             ("micro_batch", micro_batch),
@@ -291,10 +294,12 @@ class TrainLoader:
         self.num_skipped: Counter[str] = Counter()
         """Skipped samples on this rank so far, by reason (reduce across ranks before reporting)."""
         if resume is not None:
-            if resume.get("plan_fingerprint") not in (None, self.plan_fingerprint):
+            if resume.get("plan_fingerprint") not in (None, self.plan_fingerprint) and not allow_plan_change:
                 raise ValueError(
-                    "the data plan changed since the checkpoint (shards, weights, seed, max_tokens or global "
-                    "batch): resume with the same data settings, or start a new run"
+                    "the data plan changed since the checkpoint (shards, weights, seed, max_tokens, packing, "
+                    "limit or global batch): a resume keeps what the run computes unless "
+                    "checkpoint.allow_config_change (RESUME_DEFINING_KEYS, trainer/config/validate.py); "
+                    "resume with the same data, pass --allow_config_change, or start a new run"
                 )
             start_epoch, start_step = int(resume["epoch"]), int(resume["step"])
         if start_epoch < 0 or start_step < 0:

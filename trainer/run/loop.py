@@ -134,6 +134,7 @@ def build_train_loader(
         pin_memory=info.device.type == "cuda",
         limit=config.data.limit_train,
         resume=resume_state["data"] if resume_state else None,
+        allow_plan_change=config.checkpoint.allow_config_change,
     )
 
 
@@ -171,10 +172,9 @@ def build_eval_set(config: TrainConfig, info: DistInfo, processor: Any) -> EvalS
     return EvalSet(batches, skipped)
 
 
-def restore(
-    engine: DeepSpeedEngine, resume_dir: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo
-) -> None:
-    """Load a checkpoint into the engine (through the universal format at another world size)."""
+def restore(engine: DeepSpeedEngine, resume_dir: Path, state: dict[str, Any], info: DistInfo) -> None:
+    """Load a checkpoint into the engine (through the universal format at another world size). What the
+    config may have changed was settled before any process group (``preflight``, the resume rule)."""
     if info.is_main and ckpt.needs_universal(state, info.world_size):
         print(
             f"train: resuming {resume_dir} (written by {state['world_size']} ranks) at world size "
@@ -182,12 +182,6 @@ def restore(
             file=sys.stderr,
         )
     ckpt.load(engine, resume_dir, info.is_main)
-    if info.is_main and state.get("config_hash") != config_hash(config):
-        print(
-            f"train: warning: resuming {resume_dir} with a changed config (hash "
-            f"{state.get('config_hash')} -> {config_hash(config)})",
-            file=sys.stderr,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +220,7 @@ class Trainer:
         self.last_saved = -1
         if resume_dir is not None:
             assert resume_state is not None
-            restore(self.engine, resume_dir, resume_state, config, info)
+            restore(self.engine, resume_dir, resume_state, info)
             self.state = RunState.from_state(resume_state)
             self.last_saved = self.state.step
             if info.is_main:  # the metrics sum the ranks' counters: the saved totals continue once

@@ -20,6 +20,7 @@ from trainer.config import (
     build_deepspeed_config,
     check_paths,
     global_batch_size,
+    other_resume_changes,
     resume_changes,
     zero_stage,
 )
@@ -89,17 +90,25 @@ def check_shard_sets(config: TrainConfig) -> None:
 
 
 def check_resume_config(resume_dir: Path, state: dict[str, Any], config: TrainConfig) -> None:
-    """Refuse a resume whose config changes what the run computes, unless allowed (then logged)."""
-    changes = resume_changes(state.get("config") or {}, config)
-    if not changes:
-        return
-    if not config.checkpoint.allow_config_change:
+    """The resume rule of ``RESUME_DEFINING_KEYS`` (trainer/config/validate.py): a change of what the run
+    computes is refused unless allowed; allowed changes and free ones are reported on one line each."""
+    saved = state.get("config") or {}
+    changes = resume_changes(saved, config)
+    if changes and not config.checkpoint.allow_config_change:
         raise ckpt.ResumeError(
             f"resuming {resume_dir} would change what the run computes ({'; '.join(changes)}); "
             "undo the change, or pass --allow_config_change"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train: warning: resuming with config changes: {'; '.join(changes)}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if changes:
+        print(
+            f"train: resuming with changes allowed by --allow_config_change: {'; '.join(changes)}",
+            file=sys.stderr,
+        )
+    other = other_resume_changes(saved, config)
+    if other:
+        print(f"train: resuming with changed settings: {'; '.join(other)}", file=sys.stderr)
 
 
 def check_resume_geometry(

@@ -14,6 +14,7 @@ import yaml
 
 from trainer.config import (
     HIDDEN_SIZE_AUTO_KEYS,
+    RESUME_DEFINING_KEYS,
     ConfigError,
     TrainConfig,
     _all_keys,
@@ -23,8 +24,11 @@ from trainer.config import (
     choice_fields,
     config_hash,
     load_config,
+    other_resume_changes,
     parse_shard_spec,
     parse_shard_specs,
+    resume_changes,
+    to_dict,
     write_run_files,
 )
 
@@ -342,6 +346,38 @@ def test_every_choice_is_a_literal_field_checked_in_one_place() -> None:
             load_config(None, {**BASE, key: "nope"})
         assert f"  --{key} {{{','.join(shown)}}} (default: " in text
         assert load_config(None, {**BASE, key: allowed[-1]})  # every listed value passes
+
+
+def test_one_resume_rule_refuses_defining_changes_unless_allowed_and_only_reports_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from trainer.run.checkpoint import ResumeError
+    from trainer.run.preflight import check_resume_config
+
+    saved = to_dict(load_config(None, BASE))
+    free = {"logging.log_every": 3, "eval.every": 5, "optim.lr": 1e-4, "checkpoint.resume": "auto"}
+    config = load_config(None, {**BASE, **free})
+    assert resume_changes(saved, config) == []
+    assert other_resume_changes(saved, config) == [
+        "optim.lr: 0.0002 -> 0.0001", "logging.log_every: 1 -> 3", "eval.every: 0 -> 5",
+    ]  # fmt: skip
+    check_resume_config(Path("CKPT"), {"config": saved}, config)  # allowed: one info line, no warning
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "train: resuming with changed settings: " + "; ".join(other_resume_changes(saved, config)) + "\n"
+    )
+    # Every key that decides the data plan is a defining key (the loader's fingerprint is its guard).
+    for key, value in {"data.packing": False, "data.drop_remainder": True, "data.limit_train": 9}.items():
+        changed = load_config(None, {**BASE, key: value})
+        assert key in RESUME_DEFINING_KEYS and resume_changes(saved, changed) == [
+            f"{key}: {saved['data'][key[5:]]!r} -> {value!r}"
+        ]
+        with pytest.raises(ResumeError, match="--allow_config_change"):
+            check_resume_config(Path("CKPT"), {"config": saved}, changed)
+        allowed = load_config(None, {**BASE, key: value, "checkpoint.allow_config_change": True})
+        check_resume_config(Path("CKPT"), {"config": saved}, allowed)
+        assert "warning" not in capsys.readouterr().err
 
 
 def test_only_the_global_answer_token_normaliser_is_accepted() -> None:

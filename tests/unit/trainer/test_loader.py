@@ -99,6 +99,19 @@ def test_the_dry_run_plans_what_the_loop_s_loader_trains(shard_dir: Path, proces
     assert plan.packs == loader.plan(0).packs and plan.num_steps == loader.num_steps(0)
 
 
+def test_a_changed_plan_is_refused_on_resume_unless_the_config_change_is_allowed(
+    shard_dir: Path, processor: Any
+) -> None:
+    position = {
+        **_loader(shard_dir, processor, num_workers=0, start_epoch=2).state(),
+        "plan_fingerprint": "0" * 16,
+    }
+    with pytest.raises(ValueError, match=r"data plan changed .*checkpoint\.allow_config_change"):
+        _loader(shard_dir, processor, num_workers=0, resume=position)
+    loader = _loader(shard_dir, processor, num_workers=0, resume=position, allow_plan_change=True)
+    assert (loader.state()["epoch"], loader.state()["step"]) == (2, 0)  # the saved position
+
+
 def test_every_sample_once_per_epoch_on_two_ranks_with_two_workers(shard_dir: Path, processor: Any) -> None:
     all_keys = {s["key"] for s in read_table(shard_dir).entries()}
     seen: list[str] = []
